@@ -1,0 +1,35 @@
+SHELL := /bin/bash
+# Two commands on a fresh clone (Python 3.11 + pip):  make demo   and   make test
+# Both create the project's virtual environment (.venv) first when it is missing or stale.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MLFLOW := $(VENV)/bin/mlflow
+
+.PHONY: venv demo base test bench clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -r requirements.txt 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]:-0} -eq 0
+	$(PY) -m pip install -q --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import harness, registry, torch, torchvision, transformers, diffusers, torchxrayvision, mlflow"
+	touch $@
+
+# The main job on the embedded default: phantom data, the local base model, a DreamBooth fine-tune.
+demo: venv
+	$(MLFLOW) run . -e base --env-manager local
+	$(MLFLOW) run . -e dreambooth --env-manager local
+
+base: venv
+	$(MLFLOW) run . -e base --env-manager local
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m bench.train_throughput
+
+clean:
+	rm -rf outputs mlruns mlartifacts mlflow.db .cache

@@ -1,0 +1,1 @@
+"""sd-cxr-harness: fine-tune Stable Diffusion on chest X-rays, judge it by its synthetic data."""

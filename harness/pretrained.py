@@ -1,0 +1,68 @@
+"""Where a pretrained pipeline comes from: the embedded base, MLflow, a local folder or the Hub.
+
+``resolve("base")`` is the embedded base model registered by the ``base`` entry point; a
+``models:/`` or ``runs:/`` URI is a pipeline logged by this project; a directory holding
+``model_index.json`` is a diffusers pipeline on disk; anything else is handed to diffusers as a
+Hub id (which needs network, or a filled Hugging Face cache). One code path loads them all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+BASE_MODEL_NAME = "cxr-sd-base"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE_DIR", ".cache")) / "pretrained"
+
+
+def resolve(name: str) -> str:
+    """Return a local diffusers directory (or a Hub id) for ``name``."""
+    from registry.pyfunc import pipeline_dir_of
+
+    if name == "base":
+        name = latest_base_uri()
+    if name.startswith(("models:/", "runs:/")):
+        dst = cache_dir() / name.replace(":/", "_").replace("/", "_").replace("@", "_")
+        if (dst / "artifacts" / "pipeline" / "model_index.json").is_file():
+            return str(dst / "artifacts" / "pipeline")
+        dst.mkdir(parents=True, exist_ok=True)
+        return str(pipeline_dir_of(name, dst))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"pretrained_model {name!r} is a path but not a diffusers pipeline "
+                             f"directory (no model_index.json in it)")
+        return str(path)
+    return name  # a Hub id: diffusers reports what is wrong with it
+
+
+def latest_base_uri() -> str:
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")
+    except MlflowException:
+        versions = []
+    if not versions:
+        raise LookupError(f"no '{BASE_MODEL_NAME}' model is registered in {client.tracking_uri}: build the "
+                          "embedded base first with `mlflow run . -e base` (or `make base`), or pass "
+                          "pretrained_model=<diffusers dir | models:/... | Hub id>")
+    newest = max(versions, key=lambda v: int(v.version))
+    return f"models:/{BASE_MODEL_NAME}/{newest.version}"
+
+
+def load_pipeline(name_or_path: str, **kwargs):
+    """Load any pretrained pipeline the way fine-tuning does."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve(name_or_path)
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+                                                       requires_safety_checker=False, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load pretrained_model {name_or_path!r} ({source}): {exc}") from exc

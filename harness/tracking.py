@@ -1,0 +1,135 @@
+"""MLflow plumbing shared by every entry point.
+
+- ``setup``: the local default store is SQLite (``sqlite:///mlflow.db``) unless
+  ``MLFLOW_TRACKING_URI`` says otherwise; inside ``mlflow run`` the run and experiment are given.
+- ``tracked_run``: a run that always ends: FINISHED, FAILED (with the error as a tag) or KILLED.
+  A process killed with ``kill -9`` cannot end its run, so every ``tracked_run`` first reaps the
+  runs of dead processes on this host (tags ``harness.host``/``harness.pid``/``harness.started``).
+- ``MetricBuffer``: per-step metrics written in batches, so tracking costs little per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import mlflow
+import psutil
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "sd-cxr"
+
+TAG_HOST = "harness.host"
+TAG_PID = "harness.pid"
+TAG_STARTED = "harness.process_started"
+TAG_ERROR = "harness.error"
+TAG_STEP = "harness.step"
+
+
+def setup(experiment: str | None = None) -> None:
+    """Point MLflow at the project store and experiment (both overridable by the environment)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    # `mlflow run` hands its run (and experiment) to the step through the environment.
+    if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment or DEFAULT_EXPERIMENT)
+
+
+def params_key(params: dict) -> str:
+    """A short stable hash of parameters: the identity of a piece of work."""
+    text = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return abs(proc.create_time() - started) < 1.0  # the same process, not a reused pid
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def reap_dead_runs(client: MlflowClient | None = None) -> list[str]:
+    """Mark KILLED every RUNNING run that a now-dead process on this host started."""
+    client = client or MlflowClient()
+    host = socket.gethostname()
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_HOST}` = '{host}'",
+    )
+    reaped = []
+    for run in runs:
+        pid, started = run.data.tags.get(TAG_PID), run.data.tags.get(TAG_STARTED)
+        if pid is None or started is None or _process_alive(int(pid), float(started)):
+            continue
+        client.set_tag(run.info.run_id, TAG_ERROR, f"process {pid} on {host} died without ending the run")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        reaped.append(run.info.run_id)
+    return reaped
+
+
+@contextmanager
+def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None = None,
+                nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or join, under ``mlflow run``) a run that is never left RUNNING."""
+    setup(experiment)
+    reap_dead_runs()
+    me = psutil.Process()
+    process_tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(me.pid),
+                    TAG_STARTED: repr(me.create_time())}
+    run = mlflow.start_run(run_name=run_name, nested=nested, tags={**process_tags, **(tags or {})})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG_ERROR, "interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+class MetricBuffer:
+    """Collects per-step metrics and writes them with ``log_batch`` every ``flush_every`` steps."""
+
+    def __init__(self, run_id: str, flush_every: int = 50):
+        self.client = MlflowClient()
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self._pending: list[Metric] = []
+        self._steps = 0
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._steps += 1
+        if self._steps % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self._pending), 1000):  # MLflow's per-batch limit
+            self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        self._pending = []
+
+
+def copy_metric_history(src_run_id: str, dst_run_id: str, keys: list[str], max_step: int) -> int:
+    """Copy metric histories up to ``max_step`` (a resumed run continues its predecessor's curves)."""
+    client = MlflowClient()
+    metrics = [m for key in keys for m in client.get_metric_history(src_run_id, key) if m.step <= max_step]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(dst_run_id, metrics=metrics[start:start + 1000])
+    return len(metrics)
