@@ -91,7 +91,7 @@ def log_pipeline(pipeline_dir: str | Path, name: str = "model", registered_model
         resolution = unet_cfg["sample_size"] * factor
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=DiffusionPipelineModel(),
+        python_model=str(Path(__file__).with_name("pipeline_model.py")),  # models from code, no pickle
         artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
         code_paths=[str(Path(__file__).parent)],
         signature=signature(resolution),

@@ -1,0 +1,385 @@
+"""Fine-tune a Stable Diffusion pipeline on labelled images: the three arms of the study.
+
+- ``dreambooth``: train the UNet; text encoder and VAE frozen (the write-up's DreamBooth).
+- ``text_encoder``: train the text encoder; UNet and VAE frozen (the write-up's "normal Stable
+  Diffusion": it can only re-point words at what the UNet already draws).
+- ``unet_text_encoder``: train both (RoentGen found this best).
+
+One loop serves all three; the arm only decides which modules get gradients. The loop reads top
+to bottom: data -> models -> (resume) -> steps -> checkpoints. Every run is an MLflow run with
+its parameters, data set, per-step loss and learning rate, throughput, and a full-pipeline
+checkpoint (a pyfunc model) plus an image grid of the disease prompts every N steps.
+
+    python -m harness.finetune --arm dreambooth --steps 400
+    mlflow run . -e dreambooth -P steps=50000 --env-manager local
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness import tracking
+from harness.data import DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
+
+ARMS = {
+    "dreambooth": ("unet",),
+    "text_encoder": ("text_encoder",),
+    "unet_text_encoder": ("unet", "text_encoder"),
+}
+# Arguments that do not change what is learned: left out of the run's identity (resume key).
+NOT_IN_KEY = {"output_dir", "resume", "checkpoint_every", "grid_steps", "grid_seeds", "num_workers",
+              "log_every", "experiment", "keep_checkpoints"}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _int(text: str) -> int:
+    """An integer that may arrive as '400.0' (MLflow Projects passes float parameters as typed)."""
+    value = float(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arm", choices=sorted(ARMS), default=arm, required=arm is None)
+    p.add_argument("--data", default="phantom", help="FORMAT:PATH (chexpert:, mimic:, folder:) or 'phantom'")
+    p.add_argument("--pretrained_model", default="base",
+                   help="'base' (the embedded base), models:/..., a diffusers directory, or a Hub id")
+    # CPU-sized defaults: a few minutes on 2 cores with the embedded base; scale up on a GPU.
+    p.add_argument("--steps", type=_int, default=400)
+    p.add_argument("--learning_rate", type=float, default=1e-4)  # small fresh-ish model: higher than SD's 5e-6
+    p.add_argument("--lr_scheduler", default="constant_with_warmup")
+    p.add_argument("--lr_warmup_steps", type=_int, default=20)
+    p.add_argument("--batch_size", type=_int, default=8)
+    p.add_argument("--gradient_accumulation_steps", type=_int, default=1)
+    p.add_argument("--resolution", type=_int, default=0, help="0 = the pretrained model's native size")
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="auto = bf16 on a GPU that has it, else full precision")
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory (large UNets)")
+    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"])
+    p.add_argument("--uncertain", default="ignore", choices=["ignore", "zeros", "ones"])
+    p.add_argument("--template", default=None, help="prompt template with {view} and {findings}")
+    p.add_argument("--labels", default=None, help="comma-separated label names (default: the data set's)")
+    p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of failing")
+    p.add_argument("--max_train_images", type=_int, default=0, help="0 = all")
+    p.add_argument("--prior_preservation", action="store_true", help="DreamBooth prior-preservation loss")
+    p.add_argument("--class_prompt", default="a photo")
+    p.add_argument("--num_class_images", type=_int, default=32)
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--checkpoint_every", type=_int, default=100)
+    p.add_argument("--keep_checkpoints", type=_int, default=2, help="local resumable states kept on disk")
+    p.add_argument("--grid_steps", type=_int, default=20, help="inference steps for checkpoint grids")
+    p.add_argument("--grid_seeds", type=_int, default=2, help="images per prompt in checkpoint grids")
+    p.add_argument("--log_every", type=_int, default=25, help="flush per-step metrics to MLflow every N steps")
+    p.add_argument("--num_workers", type=_int, default=0)
+    p.add_argument("--output_dir", default=None, help="default: outputs/<arm>-<parameter hash>")
+    p.add_argument("--resume", default="auto", choices=["auto", "never"])
+    p.add_argument("--experiment", default=None)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
+        p.error("steps, batch_size and checkpoint_every must be positive")
+    return args
+
+
+def run_key(args: argparse.Namespace) -> str:
+    return tracking.params_key({k: v for k, v in vars(args).items() if k not in NOT_IN_KEY})
+
+
+def main(argv=None, arm: str | None = None) -> str:
+    """Run one fine-tuning job; returns the MLflow run id."""
+    args = parse_args(argv, arm)
+    key = run_key(args)
+    out = Path(args.output_dir or f"outputs/{args.arm}-{key}")
+    with tracking.tracked_run(f"{args.arm}", args.experiment, tags={"harness.arm": args.arm,
+                                                                    "harness.run_key": key}) as run:
+        mlflow.log_params({k: v for k, v in vars(args).items() if k not in {"experiment"}})
+        train(args, key, out, run.info.run_id)
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+def _accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       project_config=ProjectConfiguration(project_dir=None))
+
+
+def _data(args, tokenizer, resolution: int):
+    spec = DataSpec.parse(args.data)
+    labels = args.labels.split(",") if args.labels else None
+    table = load_table(spec, split="train", views=args.views, uncertain=args.uncertain, labels=labels,
+                       skip_bad=args.skip_bad)
+    if args.max_train_images:
+        table = table.iloc[: args.max_train_images]
+    labels = table.attrs["labels"]
+    prompts = prompts_for_table(table, labels, **({"template": args.template} if args.template else {}))
+    images = ImageDataset(table, labels, resolution=resolution, channels=3, skip_bad=args.skip_bad)
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return spec, table, labels, PromptedImages(images, ids, prompts)
+
+
+class PromptedImages(torch.utils.data.Dataset):
+    """Images with the token ids of their label prompt. Decoded images are kept in memory up to
+    ``cache_bytes`` (the embedded data set fits whole), so later epochs skip JPEG decoding."""
+
+    def __init__(self, images: ImageDataset, input_ids: torch.Tensor, prompts: list[str],
+                 cache_bytes: int = 2 << 30):
+        self.images, self.input_ids, self.prompts = images, input_ids, prompts
+        self.cache, self.cache_left = {}, cache_bytes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = self.cache.get(i)
+        if item is None:
+            item = self.images[i]
+            size = item["pixel_values"].numel() * item["pixel_values"].element_size()
+            if size <= self.cache_left:
+                self.cache[i], self.cache_left = item, self.cache_left - size
+        return {"pixel_values": item["pixel_values"], "input_ids": self.input_ids[item["index"]]}
+
+
+def _class_images(pipe, args, resolution, accelerator) -> dict:
+    """DreamBooth prior preservation: images of the class prompt drawn by the frozen base."""
+    generator = torch.Generator().manual_seed(args.seed)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe([args.class_prompt] * args.num_class_images, num_inference_steps=args.grid_steps,
+               height=resolution, width=resolution, generator=generator, output_type="pt")
+    ids = pipe.tokenizer([args.class_prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return {"pixel_values": out.images * 2 - 1, "input_ids": ids}
+
+
+def _loop(loader, first_epoch):
+    """Batches forever: the (possibly partly skipped) first epoch, then whole epochs."""
+    yield from first_epoch
+    while True:
+        yield from loader
+
+
+def train(args, key: str, out: Path, run_id: str) -> None:
+    from diffusers.optimization import get_scheduler
+    from diffusers.utils import make_image_grid
+
+    from harness.pretrained import load_pipeline, resolve
+    from registry.pyfunc import log_pipeline
+
+    accelerator = _accelerator(args)
+    torch.manual_seed(args.seed)
+
+    # --- models ------------------------------------------------------------------------------
+    pipe = load_pipeline(args.pretrained_model)
+    mlflow.set_tag("harness.pretrained_source", resolve(args.pretrained_model))
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = args.resolution or unet.config.sample_size * factor
+    trained = {name: getattr(pipe, name) for name in ARMS[args.arm]}
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    for module in trained.values():
+        module.requires_grad_(True)
+        module.train()
+    if args.gradient_checkpointing:
+        for module in trained.values():
+            module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
+                else module.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
+        frozen_dtype = {} if name in trained or weight_dtype == torch.float32 else {"dtype": weight_dtype}
+        module.to(accelerator.device, **frozen_dtype)  # frozen modules in half precision when mixed
+
+    # --- data --------------------------------------------------------------------------------
+    spec, table, labels, dataset = _data(args, tokenizer, resolution)
+    mlflow.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
+                     context="training")
+    mlflow.log_dict(summarize(table), "data/summary.json")
+    mlflow.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {args.batch_size}")
+    prior = _class_images(pipe, args, resolution, accelerator) if args.prior_preservation else None
+
+    params = [p for m in trained.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.steps)
+    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    models, (optimizer, loader, lr_scheduler) = prepared[: len(trained)], prepared[len(trained):]
+
+    # --- resume ------------------------------------------------------------------------------
+    step = _resume(args, key, out, run_id, accelerator)
+    batches = _loop(loader, accelerator.skip_first_batches(loader, step % len(loader)) if step else loader)
+    metrics = tracking.MetricBuffer(run_id, flush_every=args.log_every)
+    grid_prompts = disease_prompts(labels, **({"template": args.template} if args.template else {}))
+    grids = []
+
+    # --- steps -------------------------------------------------------------------------------
+    progress = tqdm(total=args.steps, initial=step, desc=f"{args.arm}", disable=not accelerator.is_main_process)
+    window_start, window_images = time.perf_counter(), 0
+    while step < args.steps:
+        batch = next(batches)
+        with accelerator.accumulate(*models):
+            loss = _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype)
+            if not torch.isfinite(loss):
+                metrics.flush()
+                last = _checkpoints(out)
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {step + 1} (learning_rate={args.learning_rate}); stopped. "
+                    f"Last good checkpoint: {last[-1] if last else 'none (no checkpoint was written yet)'}")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        row = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        if step % args.log_every == 0 or step == args.steps:
+            row["throughput_images_per_s"] = window_images / (time.perf_counter() - window_start)
+            window_start, window_images = time.perf_counter(), 0
+        metrics.log(row, step)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            metrics.flush()
+            path = _save_checkpoint(args, out, step, accelerator, pipe)
+            info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
+            mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
+            mlflow.set_tag(tracking.TAG_STEP, str(step))
+            with accelerator.autocast():
+                grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
+            mlflow.log_image(grid, f"grids/step_{step:06d}.png")
+            grids.append(first)
+            for module in trained.values():
+                module.train()
+    progress.close()
+    metrics.flush()
+    if args.skip_bad:  # missing files (found up front) and unreadable ones (found while training)
+        mlflow.log_metrics({"skipped_missing_images": len(table.attrs.get("skipped", [])),
+                            "skipped_unreadable_images": len(dataset.images.skipped)})
+    if grids:  # the write-up's figure: checkpoints (rows) against prompts (columns)
+        mlflow.log_image(make_image_grid([im for row in grids for im in row], rows=len(grids),
+                                         cols=len(grids[0])), "grids/iterations_vs_prompts.png")
+    mlflow.log_dict({"prompts": grid_prompts}, "grids/prompts.json")
+
+
+def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype):
+    pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
+    ids = batch["input_ids"].to(text_encoder.device)
+    if prior is not None:
+        n = pixels.shape[0]
+        pick = torch.randint(len(prior["pixel_values"]), (n,))
+        pixels = torch.cat([pixels, prior["pixel_values"][pick].to(pixels)])
+        ids = torch.cat([ids, prior["input_ids"].expand(n, -1).to(ids.device)])
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    hidden = text_encoder(ids)[0]
+    pred = unet(noisy.to(unet.dtype), t, hidden.to(unet.dtype)).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    if prior is None:
+        return F.mse_loss(pred.float(), target.float())
+    pred, pred_prior = pred.chunk(2)
+    target, target_prior = target.chunk(2)
+    return F.mse_loss(pred.float(), target.float()) + args.prior_loss_weight * F.mse_loss(
+        pred_prior.float(), target_prior.float())
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
+
+
+def _save_checkpoint(args, out: Path, step: int, accelerator, pipe) -> Path:
+    """Accelerate state (to resume) and a full pipeline (to use), written atomically."""
+    final = out / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.save_state(str(tmp / "state"))
+    pipe.save_pretrained(tmp / "pipeline")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in _checkpoints(out)[: -args.keep_checkpoints]:  # MLflow keeps every pipeline
+        shutil.rmtree(old / "state", ignore_errors=True)
+    return final
+
+
+def _resume(args, key: str, out: Path, run_id: str, accelerator) -> int:
+    """Restore the newest checkpoint of an earlier run with the same parameters; return its step."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "run.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+    if meta and meta["run_key"] != key:
+        raise ValueError(f"{out} holds a run with other parameters (key {meta['run_key']} != {key}); "
+                         "pass another --output_dir or --resume never")
+    resumable = [c for c in _checkpoints(out) if (c / "state").is_dir()]
+    step = 0
+    if args.resume == "auto" and resumable and meta:
+        last = resumable[-1]
+        accelerator.load_state(str(last / "state"))
+        step = json.loads((last / "step.json").read_text())["step"]
+        previous = meta["run_id"]
+        mlflow.set_tags({"harness.resumed_from": previous, "harness.resumed_at_step": str(step)})
+        if previous != run_id:
+            tracking.copy_metric_history(previous, run_id, ["loss", "lr", "throughput_images_per_s"], step)
+        print(f"resuming from {last} (step {step}) of run {previous}")
+    elif args.resume == "never":
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
+    return step
+
+
+def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid):
+    """One row per seed, one column per prompt; returns the grid and the first row."""
+    pipe.set_progress_bar_config(disable=True)
+    texts = list(prompts.values())
+    rows = []
+    for seed in range(args.grid_seeds):
+        generator = torch.Generator().manual_seed(seed)
+        images = pipe(texts, num_inference_steps=args.grid_steps, height=resolution, width=resolution,
+                      generator=generator).images
+        rows.append(images)
+    grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(texts))
+    return grid, rows[0]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: a temporary MLflow store per test, tiny Stable Diffusion components built in
+code (diffusers' get_dummy_components style), and a tiny phantom data set. No test touches the
+network: the Hub is switched off for the whole session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import mlflow
+import pytest
+import torch
+
+TINY_PATIENTS = 24  # ~30 frontal train images: enough for batches of 4
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite tracking store and working directory (outputs/, .cache/) for one test."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / ".cache"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def dummy_components(seed: int = 0) -> dict:
+    from harness.base.components import SDConfig, build_components
+    from harness.base.tokenizer import build_tokenizer, medical_corpus
+
+    config = SDConfig.tiny()
+    tokenizer = build_tokenizer(medical_corpus() + ["a photo of a red circle"], vocab_size=config.vocab_size,
+                                model_max_length=config.max_length)
+    torch.manual_seed(seed)
+    return build_components(config, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A randomly initialised tiny SD pipeline saved as a diffusers directory (32 px)."""
+    from harness.base.components import assemble_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_base") / "pipeline"
+    assemble_pipeline(dummy_components()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    """A tiny phantom CheXpert folder; returns its `CheXpert-v1.0-small` directory."""
+    from harness.data.phantom import write_phantom
+
+    return write_phantom(tmp_path_factory.mktemp("phantom"), n_patients=TINY_PATIENTS, seed=0, size=64)

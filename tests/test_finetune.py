@@ -1,0 +1,133 @@
+"""The fine-tuning entry points, run for real on tiny components and phantom data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness import finetune
+from registry.pyfunc import pipeline_dir_of
+
+
+def _args(data, base, out, steps=4, every=2, *extra):
+    return ["--data", f"chexpert:{data}", "--pretrained_model", str(base), "--steps", str(steps),
+            "--batch_size", "4", "--checkpoint_every", str(every), "--grid_steps", "2", "--grid_seeds", "1",
+            "--log_every", "2", "--output_dir", str(out), *extra]
+
+
+def _weights(pipe_dir: Path, name: str) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
+    return {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+
+
+def _changed(before: dict, after: dict) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arm", sorted(finetune.ARMS))
+def test_arm_trains_only_its_modules_and_logs_everything(arm, mlflow_store, tiny_phantom, tiny_pipeline_dir,
+                                                          tmp_path):
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out"), arm=arm)
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["arm"] == arm and run.data.params["steps"] == "4"
+    assert run.data.params["resolution_px"] == "32"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run_id, "lr")) == 4
+    assert client.get_metric_history(run_id, "throughput_images_per_s")[-1].value > 0
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].tags[0].value == "training"
+    artifacts = {a.path for a in client.list_artifacts(run_id, "grids")}
+    assert {"grids/step_000002.png", "grids/step_000004.png", "grids/iterations_vs_prompts.png"} <= artifacts
+
+    # Each checkpoint is a full pipeline in MLflow; only the arm's modules moved.
+    uri = run.data.tags["harness.checkpoint.000004"]
+    ckpt = pipeline_dir_of(uri, tmp_path / "dl")
+    for module in ("unet", "text_encoder", "vae"):
+        moved = _changed(_weights(tiny_pipeline_dir, module), _weights(ckpt, module))
+        assert moved == (module in finetune.ARMS[arm]), module
+
+
+def test_checkpoint_reloads_and_generates(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2), arm="dreambooth")
+    uri = MlflowClient().get_run(run_id).data.tags["harness.checkpoint.000002"]
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(uri)
+    images = model.predict(pd.DataFrame({"prompt": ["a frontal chest x-ray showing edema"], "seed": [1],
+                                         "num_inference_steps": [2]}))
+    assert images.shape == (1, 32, 32, 3) and images.dtype == "uint8"
+
+
+def test_resume_after_kill_9(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "harness.finetune", "--arm", "dreambooth",
+           *_args(tiny_phantom, tiny_pipeline_dir, out, 12, 3)]
+    env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parents[1])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "checkpoints" / "step_000003"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    client = MlflowClient()
+    (killed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert killed.info.status == "RUNNING"  # what kill -9 leaves behind ...
+
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 12, 3), arm="dreambooth")
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"  # ... is reaped
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["harness.resumed_from"] == killed.info.run_id
+    resumed_at = int(run.data.tags["harness.resumed_at_step"])
+    assert 3 <= resumed_at < 12
+    assert run.data.tags["harness.step"] == "12"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, 13))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(finetune.NonFiniteLossError, match="loss is (nan|inf) at step"):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 20, 1, "--learning_rate", "1e30",
+                            "--max_grad_norm", "0"), arm="dreambooth")
+    (run,) = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["harness.error"]
+    assert (out / "checkpoints" / "step_000001" / "pipeline" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("not-a-dir-or-hub-id", "could not load pretrained_model"),
+    ("EMPTY_DIR", "not a diffusers pipeline directory"),
+])
+def test_bad_pretrained_model_fails_the_run_cleanly(bad, message, mlflow_store, tiny_phantom, tmp_path):
+    if bad == "EMPTY_DIR":
+        bad = tmp_path / "empty"
+        bad.mkdir()
+    with pytest.raises(ValueError, match=message):
+        finetune.main(_args(tiny_phantom, bad, tmp_path / "out"), arm="dreambooth")
+    (run,) = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert run.info.status == "FAILED"
+
+
+def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth")
+    with pytest.raises(ValueError, match="holds a run with other parameters"):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4"),
+                      arm="dreambooth")
