@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import tracking
+from harness.cli import int_arg
 from harness.data import DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
 ARMS = {
@@ -45,14 +46,6 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def _int(text: str) -> int:
-    """An integer that may arrive as '400.0' (MLflow Projects passes float parameters as typed)."""
-    value = float(text)
-    if not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    return int(value)
-
-
 def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arm", choices=sorted(ARMS), default=arm, required=arm is None)
@@ -60,14 +53,14 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained_model", default="base",
                    help="'base' (the embedded base), models:/..., a diffusers directory, or a Hub id")
     # CPU-sized defaults: a few minutes on 2 cores with the embedded base; scale up on a GPU.
-    p.add_argument("--steps", type=_int, default=400)
+    p.add_argument("--steps", type=int_arg, default=400)
     p.add_argument("--learning_rate", type=float, default=1e-4)  # small fresh-ish model: higher than SD's 5e-6
     p.add_argument("--lr_scheduler", default="constant_with_warmup")
-    p.add_argument("--lr_warmup_steps", type=_int, default=20)
-    p.add_argument("--batch_size", type=_int, default=8)
-    p.add_argument("--gradient_accumulation_steps", type=_int, default=1)
-    p.add_argument("--resolution", type=_int, default=0, help="0 = the pretrained model's native size")
-    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--lr_warmup_steps", type=int_arg, default=20)
+    p.add_argument("--batch_size", type=int_arg, default=8)
+    p.add_argument("--gradient_accumulation_steps", type=int_arg, default=1)
+    p.add_argument("--resolution", type=int_arg, default=0, help="0 = the pretrained model's native size")
+    p.add_argument("--seed", type=int_arg, default=0)
     p.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="auto = bf16 on a GPU that has it, else full precision")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
@@ -77,17 +70,17 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--template", default=None, help="prompt template with {view} and {findings}")
     p.add_argument("--labels", default=None, help="comma-separated label names (default: the data set's)")
     p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of failing")
-    p.add_argument("--max_train_images", type=_int, default=0, help="0 = all")
+    p.add_argument("--max_train_images", type=int_arg, default=0, help="0 = all")
     p.add_argument("--prior_preservation", action="store_true", help="DreamBooth prior-preservation loss")
     p.add_argument("--class_prompt", default="a photo")
-    p.add_argument("--num_class_images", type=_int, default=32)
+    p.add_argument("--num_class_images", type=int_arg, default=32)
     p.add_argument("--prior_loss_weight", type=float, default=1.0)
-    p.add_argument("--checkpoint_every", type=_int, default=100)
-    p.add_argument("--keep_checkpoints", type=_int, default=2, help="local resumable states kept on disk")
-    p.add_argument("--grid_steps", type=_int, default=20, help="inference steps for checkpoint grids")
-    p.add_argument("--grid_seeds", type=_int, default=2, help="images per prompt in checkpoint grids")
-    p.add_argument("--log_every", type=_int, default=25, help="flush per-step metrics to MLflow every N steps")
-    p.add_argument("--num_workers", type=_int, default=0)
+    p.add_argument("--checkpoint_every", type=int_arg, default=100)
+    p.add_argument("--keep_checkpoints", type=int_arg, default=2, help="local resumable states kept on disk")
+    p.add_argument("--grid_steps", type=int_arg, default=20, help="inference steps for checkpoint grids")
+    p.add_argument("--grid_seeds", type=int_arg, default=2, help="images per prompt in checkpoint grids")
+    p.add_argument("--log_every", type=int_arg, default=25, help="flush per-step metrics to MLflow every N steps")
+    p.add_argument("--num_workers", type=int_arg, default=0)
     p.add_argument("--output_dir", default=None, help="default: outputs/<arm>-<parameter hash>")
     p.add_argument("--resume", default="auto", choices=["auto", "never"])
     p.add_argument("--experiment", default=None)

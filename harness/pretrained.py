@@ -8,8 +8,11 @@ Hub id (which needs network, or a filled Hugging Face cache). One code path load
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+import mlflow
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -23,14 +26,16 @@ def cache_dir() -> Path:
 
 def resolve(name: str) -> str:
     """Return a local diffusers directory (or a Hub id) for ``name``."""
-    from registry.pyfunc import pipeline_dir_of
+    from registry.pyfunc import pipeline_dir_in, pipeline_dir_of
 
     if name == "base":
         name = latest_base_uri()
     if name.startswith(("models:/", "runs:/")):
-        dst = cache_dir() / name.replace(":/", "_").replace("/", "_").replace("@", "_")
-        if (dst / "artifacts" / "pipeline" / "model_index.json").is_file():
-            return str(dst / "artifacts" / "pipeline")
+        # Versions are immutable, so a downloaded copy is reused (aliases like @champion are not).
+        store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:8]  # "v1" is per store
+        dst = cache_dir() / store / name.replace(":/", "_").replace("/", "_").replace("@", "_")
+        if "@" not in name and dst.is_dir() and pipeline_dir_in(dst) is not None:
+            return str(pipeline_dir_in(dst))
         dst.mkdir(parents=True, exist_ok=True)
         return str(pipeline_dir_of(name, dst))
     path = Path(name).expanduser()

@@ -101,13 +101,27 @@ def log_pipeline(pipeline_dir: str | Path, name: str = "model", registered_model
     )
 
 
+def pipeline_dir_in(model_dir: str | Path) -> Path | None:
+    """The diffusers directory inside a downloaded pyfunc pipeline model (None if there is none)."""
+    from mlflow.models import Model
+
+    model_dir = Path(model_dir)
+    if (model_dir / "model_index.json").is_file():
+        return model_dir
+    if not (model_dir / "MLmodel").is_file():
+        return None
+    artifacts = Model.load(model_dir).flavors.get("python_function", {}).get("artifacts", {})
+    entry = artifacts.get(PIPELINE_ARTIFACT)
+    if entry and (model_dir / entry["path"] / "model_index.json").is_file():
+        return model_dir / entry["path"]
+    return None
+
+
 def pipeline_dir_of(model_uri: str, dst: str | Path | None = None) -> Path:
     """Download a logged pyfunc pipeline model (``models:/...`` or ``runs:/...``) and return the
     diffusers directory inside it."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst) if dst else None))
-    candidate = local / "artifacts" / PIPELINE_ARTIFACT
-    if (candidate / "model_index.json").is_file():
-        return candidate
-    if (local / "model_index.json").is_file():
-        return local
-    raise ValueError(f"{model_uri} is not a diffusers pipeline model (no model_index.json in {local})")
+    found = pipeline_dir_in(local)
+    if found is None:
+        raise ValueError(f"{model_uri} is not a diffusers pipeline model (no model_index.json in {local})")
+    return found

@@ -1,0 +1,362 @@
+"""Build the embedded base model, fully offline: tokenizer -> VAE -> UNet + text encoder -> pipeline dir.
+
+    python -m harness.base.build --out outputs/base            # the CPU default: a few minutes
+    python -m harness.base.build --preset tiny --vae_steps 5 --unet_steps 5 --out /tmp/tiny
+
+Stage 1 trains the VAE as a general image codec on drawn scenes AND unlabeled phantom radiographs
+(no labels used), so fine-tuning on X-rays later has latents that can represent them. Stage 2
+pretrains the UNet and text encoder jointly with SD's loss (epsilon prediction under the DDPM
+schedule, 10% empty captions for classifier-free guidance) on the captioned scenes ONLY: the base
+is our stand-in for SD's natural-image prior and has never drawn a chest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from harness.base.components import SDConfig, assemble_pipeline, build_components
+from harness.base.scenes import SceneDataset, caption_corpus
+from harness.base.tokenizer import build_tokenizer, medical_corpus
+from harness.pathologies import FINDINGS
+
+SAMPLE_CAPTIONS = [
+    "a large red circle in the center on a white background",
+    "a large blue square in the center on a yellow background",
+    "a large green triangle in the center on a black background",
+    "a large yellow ring in the center on a blue background",
+    "a large white circle on the left on a black background",
+    "a large white circle on the right on a black background",
+    "three red circles on a white background",
+    "a photo of a cat",
+]
+
+
+# ----------------------------------------------------------------------------- data
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,H,W) or (N,H,W,3) -> float [N,3,H,W] in [-1,1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x[..., None].expand(*x.shape, 3)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def phantom_radiographs(n: int, size: int, seed: int) -> np.ndarray | None:
+    """``n`` unlabeled phantom radiographs (uint8 N,H,W), or None if harness.data.phantom is absent.
+
+    Findings are drawn at random (each with p=0.3) only to vary the images; they are not kept."""
+    try:
+        from harness.data.phantom import render
+    except ImportError:
+        return None
+    rng = np.random.default_rng([seed, 7])
+    out = np.empty((n, size, size), np.uint8)
+    for i in range(n):
+        findings = {f: bool(rng.random() < 0.3) for f in FINDINGS}
+        view = ["PA", "AP", "LATERAL"][rng.choice(3, p=[0.45, 0.35, 0.2])]
+        out[i] = render(findings, view, rng, size, float(rng.uniform(0, 1)))
+    return out
+
+
+def render_scenes(n: int, resolution: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    ds = SceneDataset(n, resolution, seed)
+    images, captions = torch.empty(n, 3, resolution, resolution), []
+    for i in tqdm(range(n), desc="scenes", leave=False):
+        item = ds[i]
+        images[i] = item["pixel_values"]
+        captions.append(item["caption"])
+    return images, captions
+
+
+# ----------------------------------------------------------------------------- metrics
+
+@torch.no_grad()
+def vae_psnr(vae, images, batch_size: int = 32) -> float:
+    """Mean per-image PSNR (dB, on [0,1] pixels) of ``vae`` reconstructions from the posterior mean.
+
+    images: uint8 (N,H,W) / (N,H,W,3) array, or a float [N,3,H,W] tensor in [-1,1]."""
+    x = images if torch.is_tensor(images) else _to_tensor(np.asarray(images))
+    device, dtype = vae.device, vae.dtype
+    psnrs = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device, dtype)
+        rec = vae.decode(vae.encode(xb).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rec - xb) / 2).pow(2).flatten(1).mean(1).float().clamp_min(1e-10)
+        psnrs.append(-10 * torch.log10(mse))
+    return float(torch.cat(psnrs).mean())
+
+
+# ----------------------------------------------------------------------------- training stages
+
+def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float,
+              device, log_fn=None, log_every: int = 10, seed: int = 0) -> float:
+    """MSE + kl_weight * KL on random batches of ``images``; returns the final (smoothed) MSE."""
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short warmup
+    g = torch.Generator().manual_seed(seed)
+    ema = None
+    for step in (bar := tqdm(range(steps), desc="vae", leave=False)):
+        x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean() / x[0].numel()  # per pixel, so kl_weight doesn't depend on image size
+        loss = mse + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema = mse.item() if ema is None else 0.95 * ema + 0.05 * mse.item()
+        bar.set_postfix(mse=f"{ema:.4f}")
+        if log_fn and (step % log_every == 0 or step == steps - 1):
+            log_fn({"vae_loss": loss.item(), "vae_mse": mse.item(), "vae_kl": kl.item()}, step)
+    vae.eval().requires_grad_(False)
+    return float("nan") if ema is None else ema
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (cached so stage 2 samples latents without the encoder)."""
+    means, stds = [], []
+    for i in range(0, len(images), batch_size):
+        post = vae.encode(images[i:i + batch_size].to(vae.device)).latent_dist
+        means.append(post.mean.cpu())
+        stds.append(post.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Tensor, torch.Tensor],
+               captions: list[str], scaling_factor: float, steps: int, batch_size: int, lr: float,
+               caption_dropout: float, device, log_fn=None, log_every: int = 10, seed: int = 0) -> float:
+    """SD's objective: predict the noise added at a random DDPM timestep, conditioned on the caption."""
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = max(1, min(50, steps // 10))
+    # warmup then cosine to 10%: a short run ends on a low learning rate, which sharpens samples
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * min(s / max(steps, 1), 1.0))))
+    mean, std = latents
+    g = torch.Generator().manual_seed(seed)
+    T = scheduler.config.num_train_timesteps
+    ema = None
+    for step in (bar := tqdm(range(steps), desc="unet", leave=False)):
+        idx = torch.randint(len(mean), (batch_size,), generator=g)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling_factor
+        batch_ids = ids[idx].clone()
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        batch_ids[drop] = empty
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, T, (batch_size,), generator=g)
+        noisy = scheduler.add_noise(z, noise, t)
+        hidden = text_encoder(batch_ids.to(device))[0]
+        pred = unet(noisy.to(device), t.to(device), hidden).sample
+        loss = F.mse_loss(pred.float(), noise.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if log_fn and (step % log_every == 0 or step == steps - 1):
+            log_fn({"unet_loss": loss.item(), "unet_lr": sched.get_last_lr()[0]}, step)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return float("nan") if ema is None else ema
+
+
+@torch.no_grad()
+def sample_grid(pipe, captions: list[str], resolution: int, seed: int = 0, steps: int = 25,
+                guidance_scale: float = 4.0, n_per_caption: int = 2):
+    """One row per caption, ``n_per_caption`` samples each (DDIM, so few steps suffice)."""
+    from diffusers import DDIMScheduler
+    from diffusers.utils import make_image_grid
+
+    scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(seed)
+    images = pipe(captions, num_images_per_prompt=n_per_caption, num_inference_steps=steps,
+                  guidance_scale=guidance_scale, height=resolution, width=resolution, generator=g).images
+    pipe.scheduler = scheduler
+    return make_image_grid(images, rows=len(captions), cols=n_per_caption)
+
+
+# ----------------------------------------------------------------------------- the build
+
+def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, unet_steps: int = 800,
+               seed: int = 0, batch_size: int = 16, vae_lr: float = 1e-3, unet_lr: float = 5e-4,
+               kl_weight: float = 1e-3, caption_dropout: float = 0.1, n_scenes: int = 2000,
+               n_radiographs: int = 600, device: str | None = None,
+               log_fn: Callable[[dict, int], None] | None = None, samples: bool = True,
+               sample_steps: int = 25) -> dict:
+    """Train a base SD model from scratch and save it as a diffusers directory at ``out_dir``.
+
+    Defaults are sized for 2 CPU cores and the default config (~5 min); on a GPU pass a bigger
+    config and more steps. Returns metrics (vae_psnr on held-out phantom radiographs, final losses,
+    scaling_factor, seconds...). ``log_fn(metrics, step)`` receives training losses as they come.
+    """
+    config = config or SDConfig.default()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t_start = time.time()
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    metrics: dict = {}
+
+    tokenizer = build_tokenizer(caption_corpus(seed=seed) + medical_corpus(), vocab_size=config.vocab_size,
+                                model_max_length=config.max_length)
+    parts = build_components(config, tokenizer)
+    vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
+
+    # Stage 1: the VAE, on scenes + unlabeled radiographs (held-out radiographs for PSNR).
+    scene_images, captions = render_scenes(n_scenes, config.resolution, seed)
+    xrays = phantom_radiographs(n_radiographs + 64, config.resolution, seed)
+    if xrays is None:
+        warnings.warn("harness.data.phantom not found: VAE trained on scenes only, no vae_psnr")
+        vae_images = scene_images
+    else:
+        vae_images = torch.cat([scene_images, _to_tensor(xrays[:n_radiographs])])
+    t0 = time.time()
+    metrics["vae_final_mse"] = train_vae(vae, vae_images, vae_steps, batch_size, vae_lr, kl_weight, device,
+                                         log_fn, seed=seed)
+    metrics["vae_seconds"] = time.time() - t0
+    metrics["vae_psnr"] = vae_psnr(vae, xrays[n_radiographs:]) if xrays is not None else float("nan")
+    metrics["vae_psnr_scenes"] = vae_psnr(vae, scene_images[-64:])
+
+    # SD's latent scale: 1/std of the latents, so diffusion sees unit-variance inputs.
+    latents = encode_latents(vae, scene_images)
+    z = latents[0] + latents[1] * torch.randn_like(latents[1])
+    scaling_factor = float(1 / z.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    metrics["scaling_factor"] = scaling_factor
+
+    # Stage 2: UNet + text encoder on captioned scenes only.
+    t0 = time.time()
+    metrics["unet_final_loss"] = train_unet(unet, text_encoder, tokenizer, parts["scheduler"], latents, captions,
+                                            scaling_factor, unet_steps, batch_size, unet_lr, caption_dropout,
+                                            device, log_fn, seed=seed)
+    metrics["unet_seconds"] = time.time() - t0
+
+    # Save atomically: write next to out_dir, then swap it in.
+    pipe = assemble_pipeline(parts).to("cpu")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if samples:
+        grid = sample_grid(pipe, SAMPLE_CAPTIONS, config.resolution, seed=seed, steps=sample_steps)
+        grid.save(tmp / "samples.png")
+        (tmp / "samples.txt").write_text("\n".join(SAMPLE_CAPTIONS) + "\n")
+    metrics["seconds"] = time.time() - t_start
+    (tmp / "base_build.json").write_text(json.dumps(
+        {"config": config.to_dict(), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
+         "batch_size": batch_size, "metrics": metrics}, indent=2))
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return metrics
+
+
+BUILD_VERSION = 1  # bump when the build's code changes what it produces: part of the reuse key
+
+
+def registered_build(key: str):
+    """The registered base version built with these exact parameters, if any."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from harness.pretrained import BASE_MODEL_NAME
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{BASE_MODEL_NAME}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("build_key") == key), None)
+
+
+def main(argv=None) -> dict:
+    """Build the embedded base, log it to MLflow and register it as ``cxr-sd-base`` - once: a build
+    with identical parameters and code is found in the registry and reused (``--force true`` rebuilds)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+    from harness.cli import bool_arg, int_arg
+    from harness.data.phantom import GENERATOR_VERSION
+    from harness.pretrained import BASE_MODEL_NAME
+    from registry.pyfunc import log_pipeline
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="diffusers directory to write (default: outputs/base-<key>)")
+    p.add_argument("--preset", default="default", choices=["tiny", "default", "sd15"])
+    p.add_argument("--vae_steps", type=int_arg, default=300)
+    p.add_argument("--unet_steps", type=int_arg, default=800)
+    p.add_argument("--batch_size", type=int_arg, default=16)
+    p.add_argument("--n_scenes", type=int_arg, default=2000)
+    p.add_argument("--n_radiographs", type=int_arg, default=600)
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--no_samples", action="store_true", help="skip the sample grid")
+    p.add_argument("--threads", type=int_arg, default=None,
+                   help="torch CPU threads (default: torch's; use 1 when other jobs share the cores)")
+    p.add_argument("--force", type=bool_arg, default=False, help="rebuild even if this build is registered")
+    p.add_argument("--experiment", default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = SDConfig.preset(a.preset)
+    recipe = {"config": config.to_dict(), "vae_steps": a.vae_steps, "unet_steps": a.unet_steps,
+              "batch_size": a.batch_size, "n_scenes": a.n_scenes, "n_radiographs": a.n_radiographs,
+              "seed": a.seed, "build_version": BUILD_VERSION, "phantom_version": GENERATOR_VERSION}
+    key = tracking.params_key(recipe)
+    with tracking.tracked_run("base", a.experiment, tags={"harness.build_key": key}):
+        existing = None if a.force else registered_build(key)
+        if existing is not None:
+            uri = f"models:/{BASE_MODEL_NAME}/{existing.version}"
+            mlflow.set_tag("harness.reused", uri)
+            print(f"reusing {uri}: built with the same parameters by run {existing.run_id}")
+            return {"reused": uri}
+        mlflow.log_params({"preset": a.preset, **{k: v for k, v in recipe.items() if k != "config"},
+                           **{f"config.{k}": v for k, v in config.to_dict().items()}})
+        buffer = tracking.MetricBuffer(mlflow.active_run().info.run_id)
+        out = Path(a.out or f"outputs/base-{key}")
+        metrics = build_base(out, config, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
+                             seed=a.seed, batch_size=a.batch_size, n_scenes=a.n_scenes,
+                             n_radiographs=a.n_radiographs, device=a.device, samples=not a.no_samples,
+                             log_fn=buffer.log)
+        buffer.flush()
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        for name in ("samples.png", "samples.txt", "base_build.json"):
+            if (out / name).is_file():
+                mlflow.log_artifact(str(out / name), "base")
+        info = log_pipeline(out, name="base", registered_model_name=BASE_MODEL_NAME,
+                            resolution=config.resolution)
+        MlflowClient().set_model_version_tag(BASE_MODEL_NAME, info.registered_model_version, "build_key", key)
+        mlflow.set_tag("harness.registered", f"models:/{BASE_MODEL_NAME}/{info.registered_model_version}")
+        print(json.dumps(metrics, indent=2))
+        return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The embedded base model's parts, built tiny in code: tokenizer, scenes, components, build."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from transformers import CLIPTokenizer
+
+from harness.base import build
+from harness.base.components import SDConfig, assemble_pipeline, build_components, build_vae
+from harness.base.scenes import SceneDataset, caption_corpus
+from harness.base.tokenizer import build_tokenizer, medical_corpus
+from harness.pathologies import CHEXPERT_LABELS, FINDINGS
+
+PROMPT = "a frontal chest x-ray showing cardiomegaly"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    cfg = SDConfig.tiny()
+    return build_tokenizer(caption_corpus(n=300) + medical_corpus(), vocab_size=cfg.vocab_size,
+                           model_max_length=cfg.max_length)
+
+
+def test_tokenizer_saves_loads_and_keeps_words_whole(tmp_path):
+    tok = build_tokenizer(caption_corpus(n=300) + medical_corpus(), tmp_path, vocab_size=2048)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert loaded.model_max_length == 32 and len(loaded) == len(tok) <= 2048
+    assert loaded.pad_token == loaded.eos_token == "<|endoftext|>" and loaded.bos_token == "<|startoftext|>"
+    ids = loaded(PROMPT).input_ids
+    assert ids == tok(PROMPT).input_ids
+    assert ids[0] == loaded.bos_token_id and ids[-1] == loaded.eos_token_id
+    assert loaded.convert_ids_to_tokens(ids[1:-1]) == [
+        "a</w>", "frontal</w>", "chest</w>", "x</w>", "-</w>", "ray</w>", "showing</w>", "cardiomegaly</w>"]
+    assert loaded.decode(ids, skip_special_tokens=True).replace(" - ", "-") == PROMPT
+    # every medical and scene word is one token; unseen words fall back to bytes, never <unk>
+    for name in FINDINGS + CHEXPERT_LABELS + ["lateral", "no finding", "with", "red", "circle", "triangles"]:
+        assert len(loaded(name, add_special_tokens=False).input_ids) == len(name.split()), name
+    zebra = loaded("zebra ü", add_special_tokens=False).input_ids
+    assert loaded.unk_token_id not in zebra and loaded.decode(zebra) == "zebra ü"
+    longest = f"a lateral chest x-ray showing {', '.join(f.lower() for f in FINDINGS)}"
+    assert len(loaded(longest).input_ids) <= loaded.model_max_length
+    assert loaded(PROMPT, padding="max_length").input_ids[-1] == loaded.pad_token_id
+
+
+def test_scenes_are_deterministic_images_with_captions(tokenizer):
+    a, b, c = SceneDataset(16, 32, seed=1), SceneDataset(16, 32, seed=1), SceneDataset(16, 32, seed=2)
+    items = [a[i] for i in range(16)]
+    assert all(it["pixel_values"].shape == (3, 32, 32) for it in items)
+    assert all(it["pixel_values"].min() >= -1 and it["pixel_values"].max() <= 1 for it in items)
+    assert torch.equal(items[5]["pixel_values"], b[5]["pixel_values"]) and items[5]["caption"] == b[5]["caption"]
+    assert any(items[i]["caption"] != c[i]["caption"] for i in range(16))
+    assert len({it["caption"] for it in items}) > 10
+    with pytest.raises(IndexError):
+        a[16]
+    for it in items:  # the scene vocabulary is in the tokenizer as whole words
+        words = it["caption"].split()
+        assert len(tokenizer(it["caption"], add_special_tokens=False).input_ids) == len(words), it["caption"]
+
+
+def test_tiny_components_have_matching_shapes(tokenizer):
+    cfg = SDConfig.tiny()
+    c = build_components(cfg, tokenizer)
+    x = torch.rand(2, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    z = c["vae"].encode(x).latent_dist.sample()
+    assert z.shape == (2, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    assert c["vae"].decode(z).sample.shape == x.shape
+    ids = tokenizer([PROMPT, ""], padding="max_length", return_tensors="pt").input_ids
+    hidden = c["text_encoder"](ids)[0]
+    assert hidden.shape == (2, cfg.max_length, cfg.text_hidden)
+    out = c["unet"](z, torch.tensor([10, 500]), hidden).sample
+    assert out.shape == z.shape
+    out.mean().backward()  # trainable end to end
+    assert c["text_encoder"].config.eos_token_id == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="max_length"):
+        build_components(SDConfig(max_length=77), tokenizer)
+    assert SDConfig.default().latent_size == 16 and SDConfig.sd15().latent_size == 64
+
+
+def test_pipeline_save_load_round_trip_is_identical(tokenizer, tmp_path):
+    cfg = SDConfig.tiny()
+    torch.manual_seed(0)
+    pipe = assemble_pipeline(build_components(cfg, tokenizer))
+    pipe.save_pretrained(tmp_path)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    kw = dict(num_inference_steps=2, height=cfg.resolution, width=cfg.resolution, output_type="np")
+    a = pipe(PROMPT, generator=torch.Generator().manual_seed(3), **kw).images
+    b = loaded(PROMPT, generator=torch.Generator().manual_seed(3), **kw).images
+    assert a.shape == (1, cfg.resolution, cfg.resolution, 3)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+class _IdentityVAE(torch.nn.Module):
+    """encode/decode are the identity, decode optionally adds noise of std ``sigma`` (in [-1,1] units)."""
+
+    def __init__(self, sigma=0.0):
+        super().__init__()
+        self.sigma, self.p = sigma, torch.nn.Parameter(torch.zeros(()))
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z + self.sigma * torch.randn_like(z))
+
+
+def test_vae_psnr_is_right_and_separates_good_from_random():
+    rng = np.random.default_rng(0)
+    images = rng.integers(40, 215, (8, 32, 32), dtype=np.uint8)  # grayscale, like radiographs
+    assert build.vae_psnr(_IdentityVAE(), images) > 90
+    sigma = 0.02  # mse on [0,1] pixels = (sigma/2)**2 -> 40 dB
+    assert build.vae_psnr(_IdentityVAE(sigma), images) == pytest.approx(-10 * np.log10((sigma / 2) ** 2), abs=0.3)
+    torch.manual_seed(0)
+    random_vae = build_vae(SDConfig.tiny()).eval()
+    assert build.vae_psnr(random_vae, images) < 20
+    assert build.vae_psnr(random_vae, torch.from_numpy(rng.random((2, 3, 32, 32), np.float32)) * 2 - 1) < 20
+
+
+def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
+    logged = []
+    out = tmp_path / "base"
+    metrics = build.build_base(out, SDConfig.tiny(), vae_steps=4, unet_steps=4, batch_size=4, n_scenes=24,
+                               n_radiographs=8, sample_steps=1, log_fn=lambda m, step: logged.append((step, m)))
+    for key in ("vae_psnr", "vae_final_mse", "unet_final_loss", "scaling_factor", "seconds"):
+        assert key in metrics
+    assert np.isfinite(metrics["unet_final_loss"]) and metrics["scaling_factor"] > 0
+    assert {"vae_loss", "unet_loss"} <= {k for _, m in logged for k in m}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no tmp dir left behind
+    assert (out / "samples.png").is_file()
+    saved = json.loads((out / "base_build.json").read_text())
+    assert saved["config"]["resolution"] == 32 and saved["metrics"]["seconds"] == metrics["seconds"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert pipe.vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert pipe.tokenizer.model_max_length == 32
+    img = pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+
+
+
+def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.pretrained import BASE_MODEL_NAME, load_pipeline
+
+    cli = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_scenes", "8",
+           "--n_radiographs", "4", "--batch_size", "2", "--no_samples", "--out", str(tmp_path / "base")]
+    build.main(cli)
+    client = MlflowClient()
+    (v1,) = client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")
+    assert client.get_run(v1.run_id).data.metrics["vae_psnr"] > 0
+    assert build.main(cli) == {"reused": f"models:/{BASE_MODEL_NAME}/1"}  # same recipe: no rebuild
+    assert len(client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")) == 1
+    build.main(cli + ["--force", "true"])
+    assert len(client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")) == 2
+    statuses = {r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert statuses == {"FINISHED"}
+    pipe = load_pipeline("base")  # what fine-tuning's default pretrained_model resolves to: the newest
+    assert pipe.tokenizer.model_max_length == 32 and pipe.unet.config.sample_size == 16
+
+
+def test_phantom_radiographs_for_the_vae_are_unlabeled_grayscale():
+    pytest.importorskip("harness.data.phantom")
+    xrays = build.phantom_radiographs(4, 32, seed=0)
+    assert xrays.shape == (4, 32, 32) and xrays.dtype == np.uint8
+    assert np.array_equal(xrays, build.phantom_radiographs(4, 32, seed=0))
