@@ -1,0 +1,371 @@
+"""Judge a training set by the classifier it makes: train on it, test per disease on REAL images.
+
+The study's yardstick (seed write-up): train a multi-label classifier on synthetic images (the
+generate step writes a CheXpert-layout folder, so ``--train chexpert:<dir>``), optionally mixed
+with real images, and measure per-disease AUC on a real test split - against the same entry point
+trained on the real train split (the baseline; ``--baseline_run`` gives the paired difference).
+
+    python -m harness.classify                                        # real baseline on the phantom
+    python -m harness.classify --train chexpert:outputs/synthetic --baseline_run <baseline run id>
+    python -m harness.classify --train chexpert:outputs/synthetic --mix phantom --mix_ratio 0.5
+    mlflow run . -e classify -P train=chexpert:outputs/synthetic --env-manager local
+
+Data discipline: model selection (best epoch by validation macro AUC) uses ``--valid``'s ``valid``
+split (default: the training data's), never the test split. The test table is read up front only
+to check it (labels, no image shared with training, the baseline's image set); its images go
+through the model once, after model selection.
+
+``--mix REAL --mix_ratio r``: the training set keeps the size of ``--train``'s train split, a
+fraction ``r`` of it drawn from REAL's train split and the rest from ``--train`` (seeded, without
+replacement; r = 0 is ``--train`` alone, r = 1 real images alone at the same size).
+
+Logged (names shared by every classify run, so the MLflow UI compares them): per label ``auc_<l>``,
+``auc_<l>_ci_low`` / ``_ci_high`` (stratified bootstrap, ``harness.evaluate``), ``acc_<l>`` (score
+>= 0.5) and ``auc_macro`` / ``acc_macro``, with ``<l>`` the label in snake case
+(``auc_pleural_effusion``); per epoch ``train_loss``, ``valid_loss``, ``valid_auc_macro``,
+``valid_auc_<l>``; artifacts ``roc.png`` and ``predictions.csv`` (path, patient, study, view, then
+``target_<l>`` and ``score_<l>``: every figure can be recomputed from it). A label with one class
+in the test split gets nan metrics and a ``harness.warning.auc_<l>`` tag. With ``--baseline_run``:
+``auc_diff_<l>`` = this run's AUC minus the baseline's on the same images, with its paired CI, and
+``auc_diff_macro``.
+
+Models: ``small_cnn`` (default, CPU) or ``densenet`` (torchxrayvision's DenseNet-121, randomly
+initialised: nothing is downloaded; pretrained xrv weights would only be used if present locally,
+and this entry point does not load any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_curve
+
+from harness import tracking
+from harness.classifier import CLASSIFIERS, build_classifier, predict, train_classifier
+from harness.cli import int_arg
+from harness.data import DataSpec, ImageDataset, load_table, summarize
+from harness.data.datasets import META_COLUMNS
+from harness.evaluate import bootstrap_auc, paired_difference, per_label_accuracy
+from harness.metrics import macro_auc, per_label_auc
+
+PREDICTIONS = "predictions.csv"
+PREDICTION_META = ["path", "patient", "study", "view"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", default="phantom", help="training data: FORMAT:PATH or 'phantom' (its train split)")
+    p.add_argument("--mix", default="", help="real data set mixed into the training set (its train split)")
+    p.add_argument("--mix_ratio", type=float, default=0.5, help="fraction of the training set drawn from --mix")
+    p.add_argument("--valid", default="", help="data set whose valid split selects the model (default: --train)")
+    p.add_argument("--test", default="phantom", help="real data set whose test split is scored once")
+    p.add_argument("--labels", default="", help="comma-separated labels (default: the data sets' own)")
+    p.add_argument("--model", default="small_cnn", choices=CLASSIFIERS)
+    p.add_argument("--resolution", type=int_arg, default=64)
+    p.add_argument("--epochs", type=int_arg, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch_size", type=int_arg, default=32)
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"])
+    p.add_argument("--uncertain", default="ignore", choices=["ignore", "zeros", "ones"])
+    p.add_argument("--max_train_images", type=int_arg, default=0, help="0 = all")
+    p.add_argument("--n_resamples", type=int_arg, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--baseline_run", default="", help="classify run id to compare with (paired, same test images)")
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    p.add_argument("--num_workers", type=int_arg, default=0)
+    p.add_argument("--threads", type=int_arg, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)")
+    p.add_argument("--experiment", default=None)
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 1 or args.resolution < 16 or args.n_resamples < 1:
+        p.error("epochs, batch_size and n_resamples must be positive and resolution at least 16")
+    if not 0.0 <= args.mix_ratio <= 1.0:
+        p.error(f"--mix_ratio {args.mix_ratio} is not in [0, 1]")
+    if not 0.0 < args.confidence < 1.0:
+        p.error(f"--confidence {args.confidence} is not in (0, 1)")
+    return args
+
+
+def snake(label: str) -> str:
+    """A label as it appears in metric and column names: 'Pleural Effusion' -> 'pleural_effusion'."""
+    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
+
+
+def main(argv=None) -> str:
+    """Train, select, test once, log; returns the MLflow run id."""
+    args = parse_args(argv)
+    with tracking.tracked_run(f"classify-{args.model}", args.experiment,
+                              tags={"harness.entry_point": "classify"}) as run:
+        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+        classify(args, run.info.run_id)
+        return run.info.run_id
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def load_tables(args) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """train (possibly mixed), valid and test tables, on one label list in one order."""
+    opts = {"views": args.views, "uncertain": args.uncertain,
+            "labels": args.labels.split(",") if args.labels else None}
+    train = load_table(args.train, "train", **opts)
+    labels = train.attrs["labels"]
+    names = [snake(l) for l in labels]
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"labels {labels} do not give distinct metric names ({names})")
+
+    def other(spec, split, role):
+        try:
+            table = load_table(spec, split, **opts)
+        except FileNotFoundError as err:
+            hint = " (pass --valid with a data set that has one)" if role == "validation" and not args.valid else ""
+            raise FileNotFoundError(f"{role} data: {err}{hint}") from err
+        if set(table.attrs["labels"]) != set(labels):
+            raise ValueError(f"label sets differ: training data {args.train} has {labels}, {role} data {spec} "
+                             f"has {table.attrs['labels']} (pass --labels to choose common ones)")
+        attrs = {**table.attrs, "labels": labels}
+        table = table[META_COLUMNS + labels]
+        table.attrs = attrs
+        return table
+
+    if args.max_train_images:
+        train = train.iloc[: args.max_train_images]
+    if args.mix:
+        train = _mix(train, other(args.mix, "train", "mix"), args.mix_ratio, args.seed)
+    tables = {"train": train, "valid": other(args.valid or args.train, "valid", "validation"),
+              "test": other(args.test, "test", "test")}
+    for name in ("train", "valid"):
+        shared = set(tables[name]["path"]) & set(tables["test"]["path"])
+        if shared:
+            raise ValueError(f"{len(shared)} test image(s) are also in the {name} data, e.g. {min(shared)}")
+    return tables, labels
+
+
+def _mix(train: pd.DataFrame, real: pd.DataFrame, ratio: float, seed: int) -> pd.DataFrame:
+    total = len(train)
+    n_real = int(round(ratio * total))
+    if n_real > len(real):
+        raise ValueError(f"--mix_ratio {ratio} of {total} training images needs {n_real} real images; "
+                         f"{real.attrs['spec']} has {len(real)}")
+    rng = np.random.default_rng(seed)
+    parts = [train.iloc[np.sort(rng.choice(total, total - n_real, replace=False))],
+             real.iloc[np.sort(rng.choice(len(real), n_real, replace=False))]]
+    mixed = pd.concat(parts, ignore_index=True)
+    mixed.attrs = {**train.attrs, "mixed_with": real.attrs["spec"], "n_mixed_real": n_real,
+                   "n_mixed_train": total - n_real}
+    return mixed
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """An ImageDataset whose decoded items stay in memory up to ``cache_bytes`` (64 px grey: 16 kB
+    each, so the phantom fits whole), so later epochs skip JPEG decoding."""
+
+    def __init__(self, images: ImageDataset, cache_bytes: int = 2 << 30):
+        self.images, self.cache, self.cache_left = images, {}, cache_bytes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.cache:
+            return self.cache[i]
+        item = self.images[i]
+        size = item["pixel_values"].nbytes
+        if size <= self.cache_left:
+            self.cache[i], self.cache_left = item, self.cache_left - size
+        return item
+
+
+def _loader(table, labels, args, shuffle: bool):
+    images = CachedImages(ImageDataset(table, labels, resolution=args.resolution, channels=1))
+    return torch.utils.data.DataLoader(images, batch_size=args.batch_size, shuffle=shuffle,
+                                       num_workers=args.num_workers,
+                                       generator=torch.Generator().manual_seed(args.seed) if shuffle else None)
+
+
+# -------------------------------------------------------------------------------------- baseline
+
+
+def load_baseline(run_id: str, test: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """The baseline run's test scores [N, L], aligned to ``test``'s rows; errors unless it scored
+    the same images with the same targets and labels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS, dst_path=tmp)
+        except Exception as err:  # MlflowException or OSError, depending on the store
+            raise ValueError(f"baseline run {run_id} has no {PREDICTIONS} (is it a classify run?): {err}") from err
+        base = pd.read_csv(path)
+    names = [snake(l) for l in labels]
+    missing = [c for n in names for c in (f"target_{n}", f"score_{n}") if c not in base.columns]
+    if missing:
+        have = [c.removeprefix("score_") for c in base.columns if c.startswith("score_")]
+        raise ValueError(f"label sets differ: baseline run {run_id} has labels {have}, this run {names}")
+    here, there = set(test["path"]), set(base["path"])
+    if here != there or len(base) != len(test):
+        raise ValueError(f"baseline run {run_id} was tested on other images: {len(there - here)} only there, "
+                         f"{len(here - there)} only here (of {len(there)} and {len(here)}); use the same --test, "
+                         f"--views and --uncertain")
+    base = base.set_index("path").loc[test["path"]]
+    targets = base[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64)
+    ours = test[labels].to_numpy(dtype=np.float64)
+    if not np.array_equal(targets, ours, equal_nan=True):
+        raise ValueError(f"baseline run {run_id} has other targets for the same test images (another --uncertain?)")
+    return base[[f"score_{n}" for n in names]].to_numpy(dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def classify(args, run_id: str) -> dict[str, float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return _classify(args, run_id)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _classify(args, run_id: str) -> dict[str, float]:
+    tables, labels = load_tables(args)
+    baseline = load_baseline(args.baseline_run, tables["test"], labels) if args.baseline_run else None
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    _log_data(tables, labels, device)
+
+    torch.manual_seed(args.seed)
+    model = build_classifier(args.model, len(labels), in_channels=1)
+    start = time.perf_counter()
+    model, history = train_classifier(model, _loader(tables["train"], labels, args, shuffle=True),
+                                      _loader(tables["valid"], labels, args, shuffle=False),
+                                      epochs=args.epochs, lr=args.lr, seed=args.seed, device=device,
+                                      labels=labels, progress=False)
+    train_s = time.perf_counter() - start
+    _log_history(history, labels, run_id)
+
+    # The one look at the test split.
+    scores, targets = predict(model, _loader(tables["test"], labels, args, shuffle=False), device)
+    metrics = score_metrics(targets, scores, labels, args)
+    if baseline is not None:
+        metrics.update(_compare(targets, scores, baseline, labels, args))
+        mlflow.set_tag("harness.baseline_run", args.baseline_run)
+    best = max(history, key=lambda r: (np.nan_to_num(r["valid_macro_auc"], nan=-np.inf), -r["valid_loss"]))
+    metrics.update({"train_seconds": train_s, "best_epoch": best["epoch"]})
+    mlflow.log_metrics(metrics)
+    _log_predictions(tables["test"], targets, scores, labels)
+    mlflow.log_figure(roc_figure(targets, scores, labels), "roc.png")
+    return metrics
+
+
+def score_metrics(targets, scores, labels, args) -> dict[str, float]:
+    """auc_*, their CIs and acc_*; a single-class label gets nan and a warning tag."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aucs = per_label_auc(targets, scores, labels)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # still shown
+        label = next((l for l in labels if repr(l) in str(w.message)), None)
+        if label is not None:
+            mlflow.set_tag(f"harness.warning.auc_{snake(label)}", str(w.message)[:5000])
+    cis = bootstrap_auc(targets, scores, labels, n_resamples=args.n_resamples, seed=args.seed,
+                        confidence=args.confidence)
+    acc = per_label_accuracy(targets, scores, labels)
+    out = {"auc_macro": macro_auc(aucs), "acc_macro": macro_auc(acc)}
+    for label in labels:
+        n = snake(label)
+        out.update({f"auc_{n}": aucs[label], f"auc_{n}_ci_low": cis[label][0], f"auc_{n}_ci_high": cis[label][1],
+                    f"acc_{n}": acc[label]})
+    return out
+
+
+def _compare(targets, scores, baseline, labels, args) -> dict[str, float]:
+    diffs = paired_difference(targets, scores, baseline, labels, n_resamples=args.n_resamples, seed=args.seed,
+                              confidence=args.confidence)
+    out = {}
+    for label, (diff, low, high) in diffs.items():
+        n = snake(label)
+        out.update({f"auc_diff_{n}": diff, f"auc_diff_{n}_ci_low": low, f"auc_diff_{n}_ci_high": high})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # already warned for this run's own AUCs
+        out["auc_diff_macro"] = (macro_auc(per_label_auc(targets, scores, labels))
+                                 - macro_auc(per_label_auc(targets, baseline, labels)))
+    return out
+
+
+def roc_figure(targets, scores, labels) -> Figure:
+    """One ROC curve per label with a defined AUC (sklearn's roc_curve on the known rows)."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    for j, label in enumerate(labels):
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j]
+        if len(np.unique(y)) < 2 or not np.isfinite(scores[known, j]).all():
+            continue
+        fpr, tpr, _ = roc_curve(y, scores[known, j])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            auc = per_label_auc(y[:, None], scores[known, j][:, None], [label])[label]
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f}, n={known.sum()})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title="ROC on the test split")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------- logging
+
+
+def _log_data(tables, labels, device) -> None:
+    contexts = {"train": "training", "valid": "validation", "test": "testing"}
+    for name, table in tables.items():
+        spec = table.attrs["spec"]
+        full = spec + (f"+{table.attrs['mixed_with']}" if "mixed_with" in table.attrs else "")
+        source = str(DataSpec.parse(spec).resolve().path)
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": it is a local dir
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = mlflow.data.from_pandas(table, source=source, name=f"{name}:{full}")
+        mlflow.log_input(dataset, context=contexts[name])
+        mlflow.log_dict(summarize(table), f"data/{name}_summary.json")
+    mixed = {k: tables["train"].attrs[k] for k in ("n_mixed_real", "n_mixed_train") if k in tables["train"].attrs}
+    mlflow.log_params({"n_train_images": len(tables["train"]), "n_valid_images": len(tables["valid"]),
+                       "n_test_images": len(tables["test"]), "label_names": json.dumps(labels),
+                       "device_used": device, **mixed})
+
+
+def _log_history(history, labels, run_id) -> None:
+    names = {"train_loss": "train_loss", "valid_loss": "valid_loss", "valid_macro_auc": "valid_auc_macro",
+             **{f"valid_auc/{l}": f"valid_auc_{snake(l)}" for l in labels}}
+    now = int(time.time() * 1000)
+    batch = [Metric(names[k], float(v), now, int(rec["epoch"])) for rec in history for k, v in rec.items()
+             if k in names]
+    MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def _log_predictions(test, targets, scores, labels) -> None:
+    table = test[PREDICTION_META].copy()
+    for j, label in enumerate(labels):
+        table[f"target_{snake(label)}"] = targets[:, j]
+        table[f"score_{snake(label)}"] = scores[:, j]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / PREDICTIONS
+        table.to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The classify entry point end to end on the tiny phantom: what it logs can be recomputed from its
+predictions.csv, single-class labels give nan (not a crash), baselines compare paired, and bad
+inputs fail with a clear error and a FAILED (never RUNNING) run."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from harness import classify
+from harness.data import load_table
+from harness.pathologies import FINDINGS
+
+FAST = ["--epochs", "1", "--batch_size", "8", "--n_resamples", "100", "--threads", "1"]
+
+
+def _args(train, test=None, *extra):
+    return ["--train", f"chexpert:{train}", "--test", f"chexpert:{test or train}", *FAST, *extra]
+
+
+def _predictions(run_id) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions.csv"))
+
+
+def _auc(pred, name):
+    known = pred[f"target_{name}"].notna()
+    y = pred.loc[known, f"target_{name}"]
+    return roc_auc_score(y, pred.loc[known, f"score_{name}"]) if y.nunique() == 2 else math.nan
+
+
+def test_logged_metrics_recompute_from_predictions(mlflow_store, tiny_phantom):
+    run = mlflow.get_run(classify.main(_args(tiny_phantom)))
+    assert run.info.status == "FINISHED"
+    metrics, pred = run.data.metrics, _predictions(run.info.run_id)
+    assert len(pred) == int(run.data.params["n_test_images"]) and pred["path"].is_unique
+    aucs = []
+    for label in FINDINGS:
+        name = classify.snake(label)
+        expected = _auc(pred, name)
+        aucs.append(expected)
+        if math.isnan(expected):
+            assert math.isnan(metrics[f"auc_{name}"]) and f"harness.warning.auc_{name}" in run.data.tags
+            continue
+        assert metrics[f"auc_{name}"] == pytest.approx(expected, abs=1e-9)
+        low, high = metrics[f"auc_{name}_ci_low"], metrics[f"auc_{name}_ci_high"]
+        assert math.isnan(low) or low <= expected <= high
+        known = pred[f"target_{name}"].notna()
+        acc = ((pred.loc[known, f"score_{name}"] >= 0.5) == pred.loc[known, f"target_{name}"]).mean()
+        assert metrics[f"acc_{name}"] == pytest.approx(acc)
+    assert metrics["auc_macro"] == pytest.approx(np.nanmean(aucs))
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "valid_auc_macro")
+    assert [m.step for m in history] == [1]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"roc.png", "predictions.csv"} <= artifacts
+
+
+def test_single_class_label_is_nan_with_warning(mlflow_store, tiny_phantom, tmp_path):
+    data = shutil.copytree(tiny_phantom, tmp_path / "single")
+    test = pd.read_csv(data / "test.csv")
+    test["Edema"] = 0.0
+    test.to_csv(data / "test.csv", index=False)
+    with pytest.warns(RuntimeWarning, match="Edema"):
+        run_id = classify.main(_args(data))
+    run = mlflow.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert math.isnan(run.data.metrics["auc_edema"]) and math.isnan(run.data.metrics["auc_edema_ci_low"])
+    assert "Edema" in run.data.tags["harness.warning.auc_edema"]
+    assert not math.isnan(run.data.metrics["auc_macro"])
+
+
+def test_paired_comparison_with_a_baseline_run(mlflow_store, tiny_phantom):
+    base_id = classify.main(_args(tiny_phantom, None, "--seed", "0"))
+    run_id = classify.main(_args(tiny_phantom, None, "--seed", "1", "--baseline_run", base_id,
+                                 "--mix", f"chexpert:{tiny_phantom}", "--mix_ratio", "0"))
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["harness.baseline_run"] == base_id
+    ours, theirs = _predictions(run_id), _predictions(base_id)
+    for label in FINDINGS:
+        name = classify.snake(label)
+        diff = _auc(ours, name) - _auc(theirs, name)
+        logged = run.data.metrics[f"auc_diff_{name}"]
+        assert logged == pytest.approx(diff, abs=1e-9, nan_ok=True)
+        low, high = run.data.metrics[f"auc_diff_{name}_ci_low"], run.data.metrics[f"auc_diff_{name}_ci_high"]
+        assert math.isnan(low) or low <= logged <= high
+
+    # The baseline must have scored the same test images.
+    with pytest.raises(ValueError, match="other images"):
+        classify.main(_args(tiny_phantom, None, "--views", "all", "--baseline_run", base_id))
+    assert mlflow.search_runs(filter_string="attributes.status = 'RUNNING'").empty
+
+
+def test_label_mismatch_and_empty_data_are_clear_errors(mlflow_store, tiny_phantom, tmp_path):
+    table = pd.read_csv(tiny_phantom / "train.csv").head(12)
+    folder = tmp_path / "fundus"
+    folder.mkdir()
+    labels = pd.DataFrame({"path": [str(tiny_phantom.parent / p) for p in table["Path"]],
+                           "split": ["train"] * 8 + ["valid"] * 4, "view": "frontal",
+                           "RG": [0, 1] * 6, "NRG": [1, 0] * 6})
+    labels.to_csv(folder / "labels.csv", index=False)
+    with pytest.raises(ValueError, match="label sets differ"):
+        classify.main(["--train", f"folder:{folder}", "--test", f"chexpert:{tiny_phantom}", *FAST])
+    # A test split with no rows: this folder set has none.
+    with pytest.raises(ValueError, match="no rows"):
+        classify.main(["--train", f"folder:{folder}", "--test", f"folder:{folder}", *FAST])
+    runs = mlflow.search_runs()
+    assert set(runs["status"]) == {"FAILED"} and len(runs) == 2
+
+
+def test_mix_keeps_the_training_size_at_the_ratio(tiny_phantom):
+    train = load_table(f"chexpert:{tiny_phantom}", "train")
+    real = load_table(f"chexpert:{tiny_phantom}", "valid")
+    mixed = classify._mix(train, real, 0.1, seed=0)
+    n_real = round(0.1 * len(train))
+    assert len(mixed) == len(train) and mixed["path"].isin(real["path"]).sum() == n_real
+    assert mixed.attrs["labels"] == train.attrs["labels"]
+    with pytest.raises(ValueError, match="needs"):
+        classify._mix(train, real, 0.9, seed=0)
