@@ -5,6 +5,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MLFLOW := $(VENV)/bin/mlflow
+# MLproject commands say `python -m ...`: that must be the venv's python.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: venv demo base test bench clean
 venv: $(VENV)/.installed

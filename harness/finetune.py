@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -98,10 +98,10 @@ def main(argv=None, arm: str | None = None) -> str:
     """Run one fine-tuning job; returns the MLflow run id."""
     args = parse_args(argv, arm)
     key = run_key(args)
-    out = Path(args.output_dir or f"outputs/{args.arm}-{key}")
+    out = Path(args.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{args.arm}-{key}")
     with tracking.tracked_run(f"{args.arm}", args.experiment, tags={"harness.arm": args.arm,
                                                                     "harness.run_key": key}) as run:
-        mlflow.log_params({k: v for k, v in vars(args).items() if k not in {"experiment"}})
+        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
         train(args, key, out, run.info.run_id)
         return run.info.run_id
 
@@ -213,7 +213,7 @@ def train(args, key: str, out: Path, run_id: str) -> None:
     mlflow.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
                      context="training")
     mlflow.log_dict(summarize(table), "data/summary.json")
-    mlflow.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
+    tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))

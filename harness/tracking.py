@@ -103,6 +103,15 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
         mlflow.end_run("FINISHED")
 
 
+def log_params(params: dict) -> None:
+    """Log parameters the active run does not have yet. Under ``mlflow run`` the CLI has already
+    logged the entry point's parameters as typed (``1e-4``, ``400.0``); MLflow refuses to change a
+    logged value, and the CLI's spelling is the one the user chose."""
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
 class MetricBuffer:
     """Collects per-step metrics and writes them with ``log_batch`` every ``flush_every`` steps."""
 

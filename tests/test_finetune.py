@@ -131,3 +131,23 @@ def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, t
     with pytest.raises(ValueError, match="holds a run with other parameters"):
         finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4"),
                       arm="dreambooth")
+
+
+def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    """The user's form: `mlflow run . -e dreambooth -P steps=... --env-manager local`."""
+    root = Path(finetune.__file__).parents[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HARNESS_OUTPUT_DIR": str(tmp_path / "outputs")}
+    params = {"data": f"chexpert:{tiny_phantom}", "pretrained_model": str(tiny_pipeline_dir), "steps": "2",
+              "batch_size": "4", "checkpoint_every": "2", "learning_rate": "1e-4"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(root), "-e", "dreambooth", "--env-manager", "local",
+           "--experiment-name", "cli"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("cli").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["learning_rate"] == "1e-4" and run.data.params["arm"] == "dreambooth"
+    assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert "harness.checkpoint.000002" in run.data.tags

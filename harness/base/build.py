@@ -337,10 +337,10 @@ def main(argv=None) -> dict:
             mlflow.set_tag("harness.reused", uri)
             print(f"reusing {uri}: built with the same parameters by run {existing.run_id}")
             return {"reused": uri}
-        mlflow.log_params({"preset": a.preset, **{k: v for k, v in recipe.items() if k != "config"},
+        tracking.log_params({"preset": a.preset, **{k: v for k, v in recipe.items() if k != "config"},
                            **{f"config.{k}": v for k, v in config.to_dict().items()}})
         buffer = tracking.MetricBuffer(mlflow.active_run().info.run_id)
-        out = Path(a.out or f"outputs/base-{key}")
+        out = Path(a.out or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"base-{key}")
         metrics = build_base(out, config, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
                              seed=a.seed, batch_size=a.batch_size, n_scenes=a.n_scenes,
                              n_radiographs=a.n_radiographs, device=a.device, samples=not a.no_samples,
