@@ -1,0 +1,272 @@
+"""Generate a synthetic chest X-ray data set from a checkpoint, in the CheXpert layout.
+
+N images per prompt for the five disease prompts and "No Finding" are drawn in batches (many
+prompts per pipeline call) and written as ``<out>/CheXpert-v1.0-small/{train,valid}.csv`` + grayscale
+JPEGs, labelled by the prompt that made them, so every loader reads them back like real data::
+
+    load_table("chexpert:<out>/CheXpert-v1.0-small", split="train")
+
+Each image has its own seed, derived from ``(--seed, prompt index, image index)``: the same seed
+gives the same images, and image i of a prompt does not depend on ``--batch_size`` or
+``--n_per_prompt`` (``prompts.csv`` records every image's prompt and seed). ~10% of each prompt's
+images (its last ones) go to ``valid.csv`` for model selection.
+
+    python -m harness.generate --run_id <finetune run> --n_per_prompt 200
+    python -m harness.generate --checkpoint models:/m-... --scheduler ddim --num_inference_steps 50
+    mlflow run . -e generate -P run_id=<finetune run> --env-manager local
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from tqdm.auto import tqdm
+
+from harness import tracking
+from harness.data import DataSpec, disease_prompts, load_table, summarize
+from harness.data.phantom import ARCHIVE, JPEG_QUALITY
+from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE
+from harness.cli import int_arg
+from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
+from registry.pyfunc import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+CHECKPOINT_TAG = "harness.checkpoint."
+SCHEDULERS = {  # name -> diffusers class, built with from_config(pipe.scheduler.config)
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="",
+                   help="models:/ or runs:/ URI, a diffusers directory, 'base' or a Hub id")
+    p.add_argument("--run_id", default="", help="a fine-tuning run: use its checkpoint at --step")
+    p.add_argument("--step", type=int_arg, default=-1, help="checkpoint step of --run_id; -1 = its last")
+    p.add_argument("--n_per_prompt", type=int_arg, default=100)
+    p.add_argument("--batch_size", type=int_arg, default=16, help="images per pipeline call")
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--scheduler", default="dpm", choices=["native", *SCHEDULERS],
+                   help="native = the checkpoint's own scheduler")
+    p.add_argument("--num_inference_steps", type=int_arg, default=DEFAULT_STEPS)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--resolution", type=int_arg, default=0, help="0 = the checkpoint's native size")
+    p.add_argument("--view", default="frontal", choices=["frontal", "lateral"])
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template with {findings} (and {view})")
+    p.add_argument("--no_finding_template", default=NO_FINDING_TEMPLATE)
+    p.add_argument("--valid_fraction", type=float, default=0.1, help="share of each prompt's images in valid.csv")
+    p.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="auto = fp16 on a GPU, else full precision")
+    p.add_argument("--threads", type=int_arg, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)")
+    p.add_argument("--grid_rows", type=int_arg, default=4, help="images per prompt in the sample grid")
+    p.add_argument("--output_dir", default="", help="default: outputs/generated/<run id>")
+    p.add_argument("--experiment", default=None)
+    args = p.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.run_id):
+        p.error("pass exactly one of --checkpoint and --run_id")
+    if args.step >= 0 and not args.run_id:
+        p.error("--step needs --run_id")
+    if min(args.n_per_prompt, args.batch_size, args.num_inference_steps) < 1:
+        p.error("n_per_prompt, batch_size and num_inference_steps must be positive")
+    if args.seed < 0 or args.resolution < 0:
+        p.error("seed and resolution must not be negative")
+    if not 0.0 <= args.valid_fraction < 1.0:
+        p.error(f"valid_fraction={args.valid_fraction} must be in [0, 1)")
+    return args
+
+
+def main(argv=None) -> str:
+    """Generate one data set; returns the MLflow run id."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tracking.tracked_run("generate", args.experiment) as run:
+        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+        generate(args, run.info.run_id)
+        return run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+def checkpoint_uri(run_id: str, step: int = -1) -> str:
+    """The ``models:/`` URI a fine-tuning run logged for ``step`` (-1 = its last checkpoint)."""
+    tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+    steps = {int(k[len(CHECKPOINT_TAG):]): v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
+    if not steps:
+        raise LookupError(f"run {run_id} has no checkpoints (no {CHECKPOINT_TAG}<step> tag)")
+    if step < 0:
+        step = max(steps)
+    if step not in steps:
+        raise LookupError(f"run {run_id} has no checkpoint at step {step}; it has steps {sorted(steps)}")
+    return steps[step]
+
+
+def image_seed(seed: int, prompt_index: int, i: int) -> int:
+    """The seed of image ``i`` of prompt ``prompt_index``: independent of batch size and N."""
+    return int(np.random.SeedSequence([seed, prompt_index, i]).generate_state(1)[0])
+
+
+def load(args):
+    """The pipeline to sample from (dtype, device, scheduler set) and its source URI/path."""
+    from harness.pretrained import latest_base_uri, load_pipeline
+
+    source = checkpoint_uri(args.run_id, args.step) if args.run_id else args.checkpoint
+    if source == "base":
+        source = latest_base_uri()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.mixed_precision
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "no"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    try:
+        pipe = load_pipeline(source, dtype=dtype)
+    except (ValueError, OSError, MlflowException) as exc:
+        raise ValueError(f"checkpoint {source!r} is not a loadable Stable Diffusion pipeline: {exc}") from exc
+    if args.scheduler != "native":
+        import diffusers
+
+        # PNDM as Stable Diffusion configures it: PLMS steps only (PRK steps fail at few steps)
+        extra = {"skip_prk_steps": True} if args.scheduler == "pndm" else {}
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), source
+
+
+def sample(pipe, prompts: list[str], seeds: list[int], batch_size: int, num_inference_steps: int,
+           guidance_scale: float, resolution: int):
+    """Yield ``(start, images)`` per pipeline call of ``batch_size`` prompts; image k is drawn
+    from its own generator seeded with ``seeds[k]``, so it does not depend on the batching."""
+    for start in range(0, len(prompts), batch_size):
+        stop = min(start + batch_size, len(prompts))
+        out = pipe(prompts[start:stop], generator=[torch.Generator().manual_seed(s) for s in seeds[start:stop]],
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   height=resolution, width=resolution)
+        yield start, out.images
+
+
+def generate(args, run_id: str) -> Path:
+    from diffusers.utils import make_image_grid
+
+    out = Path(args.output_dir or f"outputs/generated/{run_id}").expanduser().absolute()
+    if out.exists():
+        raise FileExistsError(f"output_dir {out} already exists; remove it or pass another --output_dir")
+    pipe, source = load(args)
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    mlflow.set_tags({"harness.source_checkpoint": source,
+                     **({"harness.source_run": args.run_id} if args.run_id else {})})
+    mlflow.log_params({"resolution_px": resolution, "device": str(pipe.device),
+                       "dtype": str(pipe.dtype).removeprefix("torch."),
+                       "scheduler_class": type(pipe.scheduler).__name__})
+
+    # one job per image: prompt p, image i; the last ~valid_fraction of each prompt's images are valid
+    by_finding = disease_prompts(FINDINGS, view=args.view, template=args.template,
+                                 no_finding_template=args.no_finding_template)
+    n = args.n_per_prompt
+    n_valid = min(n - 1, max(1, round(n * args.valid_fraction))) if args.valid_fraction > 0 else 0
+    jobs = [{"finding": finding, "prompt": prompt, "seed": image_seed(args.seed, p, i), "i": i,
+             "split": "valid" if i >= n - n_valid else "train", "patient": p * n + i + 1}
+            for p, (finding, prompt) in enumerate(by_finding.items()) for i in range(n)]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        rows, grid = _write(pipe, jobs, args, resolution, tmp)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # MLflow: where the data set is, what is in it, what it looks like, how fast it came
+    spec = f"chexpert:{out / ARCHIVE}"
+    mlflow.set_tag("harness.generated_data", spec)
+    for split in ("train", "valid"):
+        if any(j["split"] == split for j in jobs):
+            table = load_table(DataSpec.parse(spec), split=split, views="all", labels=FINDINGS + [NO_FINDING])
+            mlflow.log_input(mlflow.data.from_pandas(table, source=str(out / ARCHIVE), name=f"generated-{split}"),
+                             context="generated")
+            mlflow.log_dict(summarize(table), f"data/summary_{split}.json")
+    mlflow.log_artifact(str(out / "prompts.csv"), "data")
+    mlflow.log_metrics(rows)
+    columns = list(by_finding)
+    mlflow.log_image(make_image_grid([im for row in grid for im in row], rows=len(grid), cols=len(columns)),
+                     "grids/samples.png")
+    mlflow.log_dict({"columns": columns, "prompts": by_finding}, "grids/samples.json")
+    print(f"{len(jobs)} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec}")
+    return out
+
+
+def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
+    """Sample every job into root (CheXpert layout + prompts.csv); returns metrics and the grid rows."""
+    archive = root / ARCHIVE
+    name = "view1_frontal.jpg" if args.view == "frontal" else "view2_lateral.jpg"
+    grid_rows = min(args.grid_rows, args.n_per_prompt)
+    grid = [[None] * (len(jobs) // args.n_per_prompt) for _ in range(grid_rows)]
+    column = {f: c for c, f in enumerate(dict.fromkeys(j["finding"] for j in jobs))}
+    csv_rows = {"train": [], "valid": []}
+    batches = sample(pipe, [j["prompt"] for j in jobs], [j["seed"] for j in jobs], args.batch_size,
+                     args.num_inference_steps, args.guidance_scale, resolution)
+    progress = tqdm(total=len(jobs), desc="generate", unit="img")
+    generating, started = 0.0, time.perf_counter()
+    t0 = started
+    for start, images in batches:
+        generating += time.perf_counter() - t0  # the pipeline calls only, not the JPEG writing
+        for job, image in zip(jobs[start:], images):
+            path = f"{ARCHIVE}/{job['split']}/patient{job['patient']:05d}/study1/{name}"
+            job["path"] = path
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            image = image.convert("L")
+            image.save(root / path, quality=JPEG_QUALITY)
+            if job["i"] < grid_rows:
+                grid[job["i"]][column[job["finding"]]] = image
+            csv_rows[job["split"]].append({"Path": path, "Frontal/Lateral": args.view.capitalize(),
+                                           **_labels(job["finding"])})
+        progress.update(len(images))
+        t0 = time.perf_counter()
+    progress.close()
+    for split, split_rows in csv_rows.items():
+        _write_csv(archive / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
+    _write_csv(root / "prompts.csv", ["path", "split", "finding", "prompt", "seed"],
+               [{k: j[k] for k in ("path", "split", "finding", "prompt", "seed")} for j in jobs])
+    (root / "generate.json").write_text(json.dumps(
+        {k: v for k, v in vars(args).items() if k != "experiment"} | {"resolution_px": resolution}, indent=2) + "\n")
+    metrics = {"n_images": len(jobs), "generation_seconds": generating,
+               "throughput_images_per_s": len(jobs) / generating, "total_seconds": time.perf_counter() - started}
+    return metrics, grid
+
+
+def _labels(finding: str) -> dict:
+    """CheXpert cells for an image of ``finding``'s prompt: 1.0 for it, 0.0 for the other
+    findings (and No Finding), blank for observations the prompts do not speak of."""
+    cells = {label: "" for label in CHEXPERT_LABELS}
+    for label in FINDINGS + [NO_FINDING]:
+        cells[label] = "1.0" if label == finding else "0.0"
+    return cells
+
+
+def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
