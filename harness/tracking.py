@@ -82,9 +82,12 @@ def reap_dead_runs(client: MlflowClient | None = None) -> list[str]:
 @contextmanager
 def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None = None,
                 nested: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Start (or join, under ``mlflow run``) a run that is never left RUNNING."""
-    setup(experiment)
-    reap_dead_runs()
+    """Start (or join, under ``mlflow run``) a run that is never left RUNNING. Inside another
+    run (a step of the ``pipeline``), the new run is nested under it."""
+    nested = nested or mlflow.active_run() is not None
+    if not nested:
+        setup(experiment)
+        reap_dead_runs()
     me = psutil.Process()
     process_tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(me.pid),
                     TAG_STARTED: repr(me.create_time())}

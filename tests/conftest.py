@@ -5,6 +5,7 @@ network: the Hub is switched off for the whole session."""
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -17,10 +18,21 @@ import torch
 TINY_PATIENTS = 24  # ~30 frontal train images: enough for batches of 4
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An SQLite store with MLflow's schema, made once: creating the schema takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch, empty_store):
     """A fresh SQLite tracking store and working directory (outputs/, .cache/) for one test."""
     monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / ".cache"))
