@@ -151,3 +151,35 @@ def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, t
     assert run.data.params["learning_rate"] == "1e-4" and run.data.params["arm"] == "dreambooth"
     assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "loss")] == [1, 2]
     assert "harness.checkpoint.000002" in run.data.tags
+
+
+def test_prior_preservation_and_gradient_accumulation(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2, "--prior_preservation",
+                                 "--num_class_images", "4", "--gradient_accumulation_steps", "2"),
+                           arm="dreambooth")
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # steps count optimizer updates: 2 steps x 2 accumulated batches
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+
+
+def test_missing_image_fails_clearly_or_is_skipped_and_counted(mlflow_store, tiny_phantom, tiny_pipeline_dir,
+                                                               tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "copy" / tiny_phantom.name
+    shutil.copytree(tiny_phantom, data)
+    first = pd.read_csv(data / "train.csv").query("`Frontal/Lateral` == 'Frontal'")["Path"].iloc[0]
+    missing = data.parent / first
+    missing.unlink()
+    with pytest.raises(Exception, match=missing.name):
+        finetune.main(_args(data, tiny_pipeline_dir, tmp_path / "a", 2, 2), arm="dreambooth")
+    client = MlflowClient()
+    (failed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert failed.info.status == "FAILED"
+
+    run_id = finetune.main(_args(data, tiny_pipeline_dir, tmp_path / "b", 2, 2, "--skip_bad"), arm="dreambooth")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["skipped_missing_images"] == 1
