@@ -1,0 +1,452 @@
+"""Checks of a generated data set that the write-up did by eye or not at all, logged as metrics.
+
+1. **Views** - ``train_view_classifier`` fits the small CNN of ``harness.classifier`` to tell
+   frontal from lateral on REAL images (every view of the real train split, target "lateral";
+   model selection on the real valid split), cached per data set and parameters under
+   ``outputs/checks/``; ``view_fraction`` says which share of the generated images it calls frontal.
+   The write-up saw that most DreamBooth images were laterals although the prompts said frontal.
+2. **Memorization** - ``memorization``: each generated image's nearest neighbour in the
+   fine-tuning set by cosine similarity, and the share above a threshold (0.95). A near-copy of a
+   training radiograph leaks a patient. ``closest_pairs_figure`` shows the closest pairs.
+3. **Distribution distance** - ``frechet_distance``: torchmetrics' FrechetInceptionDistance with a
+   custom feature extractor; by default the real-trained classifier's globally pooled last conv
+   features (``ClassifierFeatures``).
+
+The entry point runs all three and logs ``view_frontal_fraction``, ``view_lateral_fraction``,
+``memorization_fraction``, ``memorization_max_similarity``, ``memorization_mean_similarity``,
+``memorization_reference_max_similarity`` / ``_fraction`` (the same check for the real valid
+split: what new patients score - calibrate the threshold with it),
+``memorization_fraction_above_reference`` (share of generated images closer to a training image
+than any new patient is), ``frechet_distance``, the image ``memorization/closest_pairs.png``, the
+pairs as ``memorization/pairs.json`` and the view classifier as ``classifier/model.pt``::
+
+    python -m harness.checks --generated chexpert:outputs/generated/<run>/CheXpert-v1.0-small --real phantom
+    mlflow run . -e checks -P generated=chexpert:<dir> --env-manager local
+
+``--classifier_run RUN_ID`` takes the FID features from a run that logged ``classifier/model.pt``
+(``log_classifier``), e.g. a disease classifier trained on the real data; without it the view
+classifier's features are used (they know anatomy and projection, little about disease).
+
+Images are compared as the classifiers see them: ``ImageDataset`` grey tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from sklearn.neighbors import NearestNeighbors
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from harness import tracking
+from harness.classifier import build_classifier, predict, train_classifier
+from harness.classify import CachedImages
+from harness.cli import int_arg
+from harness.data import DataSpec, ImageDataset, load_table
+from harness.data.datasets import SPLITS
+from harness.metrics import per_label_auc
+
+CLASSIFIER_ARTIFACT = "classifier/model.pt"
+VIEW_LABEL = "lateral"  # the view classifier's one output: P(lateral)
+CACHE_VERSION = 1  # bump when a cached view classifier would no longer be what the code trains
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+@dataclass
+class Images:
+    """Images in memory: ``pixels`` [N, C, H, W] in [-1, 1] and the file each came from."""
+
+    pixels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_images(images, resolution: int = 64) -> Images:
+    """Images from a ``load_table`` table, an ``ImageDataset``, a tensor [N, C, H, W] or ``Images``.
+
+    Tables are read as 1-channel grey at ``resolution``; tensors get paths ``#0``, ``#1``, ...
+    """
+    if isinstance(images, Images):
+        return images
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"image tensor has shape {tuple(images.shape)}; expected [N, C, H, W]")
+        return Images(images.float(), [f"#{i}" for i in range(len(images))])
+    if isinstance(images, pd.DataFrame):
+        images = ImageDataset(images, labels=[], resolution=resolution, channels=1)
+    if not isinstance(images, ImageDataset):
+        raise TypeError(f"cannot read images from a {type(images).__name__}; pass a table, ImageDataset or tensor")
+    if len(images) == 0:
+        raise ValueError("no images to check")
+    items = [images[i] for i in range(len(images))]
+    return Images(torch.stack([it["pixel_values"] for it in items]), [images.paths[it["index"]] for it in items])
+
+
+def _batches(pixels: torch.Tensor, batch_size: int):
+    for start in range(0, len(pixels), batch_size):
+        yield pixels[start:start + batch_size]
+
+
+def generated_table(spec: str | DataSpec) -> pd.DataFrame:
+    """Every image of a generated data set, all views: each split a chexpert folder has a csv for
+    (harness.generate writes train.csv and valid.csv), the train split of other formats."""
+    spec = DataSpec.parse(spec)
+    resolved = spec.resolve()
+    splits = [s for s in SPLITS if resolved.format != "chexpert" or (resolved.path / f"{s}.csv").is_file()]
+    if not splits:
+        raise FileNotFoundError(f"generated data {spec}: no train.csv, valid.csv or test.csv in {resolved.path}")
+    table = pd.concat([load_table(spec, s, views="all", labels=[]) for s in splits], ignore_index=True)
+    table.attrs = {"spec": str(spec), "splits": splits, "labels": []}
+    return table
+
+
+# ------------------------------------------------------------------------------ saved classifiers
+
+
+def save_classifier(model: nn.Module, path, **meta) -> Path:
+    """Save a harness classifier with what rebuilds it (``meta`` needs ``architecture`` - a
+    ``build_classifier`` name -, ``n_labels``, ``in_channels``; plain values only). Atomic."""
+    missing = [k for k in ("architecture", "n_labels", "in_channels") if k not in meta]
+    if missing:
+        raise ValueError(f"save_classifier: meta lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_classifier(path) -> nn.Module:
+    """A classifier written by ``save_classifier``, in eval mode, its meta as ``harness_meta``."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    meta = saved["meta"]
+    model = build_classifier(meta["architecture"], meta["n_labels"], meta["in_channels"])
+    model.load_state_dict(saved["state_dict"])
+    model.harness_meta = meta
+    return model.eval()
+
+
+def log_classifier(model: nn.Module, **meta) -> None:
+    """Log a classifier to the active run as ``classifier/model.pt`` (for ``--classifier_run``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(save_classifier(model, Path(tmp) / "model.pt", **meta)), "classifier")
+
+
+def classifier_from_run(run_id: str) -> nn.Module:
+    """The classifier a run logged with ``log_classifier``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CLASSIFIER_ARTIFACT, dst_path=tmp)
+        except Exception as err:  # MlflowException or OSError, depending on the store
+            raise ValueError(f"run {run_id} has no {CLASSIFIER_ARTIFACT} (log one with harness.checks.log_classifier): "
+                             f"{err}") from err
+        return load_classifier(path)
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+def _digest(table: pd.DataFrame) -> str:
+    text = "\n".join(f"{p}\t{v}" for p, v in zip(table["path"], table["view"]))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _view_table(spec, split: str) -> pd.DataFrame:
+    table = load_table(spec, split, views="all", labels=[])
+    attrs = table.attrs
+    table = table.assign(**{VIEW_LABEL: (table["view"] == "lateral").astype(np.float32)})
+    table.attrs = attrs
+    return table
+
+
+def train_view_classifier(real_spec, resolution: int = 64, epochs: int = 4, seed: int = 0, lr: float = 1e-3,
+                          batch_size: int = 32, device: str = "cpu", cache_dir=None) -> nn.Module:
+    """A frontal-vs-lateral small CNN (one logit: P(lateral)) trained on ``real_spec``'s train
+    split, every view; the epoch with the best valid-split AUC is kept.
+
+    Cached: saved under ``cache_dir`` (default ``$HARNESS_OUTPUT_DIR/checks`` or ``outputs/checks``)
+    keyed by the image lists of both splits and the parameters, and loaded from there next time.
+    The returned model's ``harness_meta`` holds ``valid_auc``, ``valid_accuracy``, ``cache_path``
+    and ``cached`` (True when it was loaded, not trained).
+    """
+    train, valid = _view_table(real_spec, "train"), _view_table(real_spec, "valid")
+    counts = train["view"].value_counts()
+    if counts.get("frontal", 0) == 0 or counts.get("lateral", 0) == 0:
+        raise ValueError(f"real data {real_spec}: a view classifier needs frontal and lateral images in the train "
+                         f"split; it has {dict(counts)}")
+    params = {"version": CACHE_VERSION, "architecture": "small_cnn", "resolution": resolution, "epochs": epochs,
+              "seed": seed, "lr": lr, "batch_size": batch_size, "train": _digest(train), "valid": _digest(valid)}
+    cache = Path(cache_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / "checks")
+    path = cache / f"view-{tracking.params_key(params)}.pt"
+    if path.is_file():
+        model = load_classifier(path)
+        model.harness_meta = {**model.harness_meta, "cache_path": str(path), "cached": True}
+        return model
+
+    def loader(table, shuffle):
+        images = CachedImages(ImageDataset(table, [VIEW_LABEL], resolution=resolution, channels=1))
+        gen = torch.Generator().manual_seed(seed) if shuffle else None
+        return torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+    torch.manual_seed(seed)
+    model = build_classifier("small_cnn", 1, in_channels=1)
+    valid_loader = loader(valid, False)
+    model, history = train_classifier(model, loader(train, True), valid_loader, epochs=epochs, lr=lr, seed=seed,
+                                      device=device, labels=[VIEW_LABEL], progress=False)
+    scores, targets = predict(model, valid_loader, device)
+    meta = {**params, "n_labels": 1, "in_channels": 1, "labels": [VIEW_LABEL], "task": "view", "real": str(real_spec),
+            "valid_auc": per_label_auc(targets, scores, [VIEW_LABEL])[VIEW_LABEL],
+            "valid_accuracy": float(((scores >= 0.5) == (targets == 1)).mean())}
+    save_classifier(model.cpu(), path, **meta)
+    model.harness_meta = {**meta, "cache_path": str(path), "cached": False}
+    return model.eval()
+
+
+@torch.no_grad()
+def view_fraction(model: nn.Module, images, resolution: int = 64, batch_size: int = 64,
+                  threshold: float = 0.5) -> dict:
+    """Shares of ``images`` the view classifier calls frontal / lateral (P(lateral) >= threshold)."""
+    images = load_images(images, resolution)
+    model.eval()
+    device = next(model.parameters()).device
+    p = torch.cat([torch.sigmoid(model(b.to(device)))[:, 0].cpu() for b in _batches(images.pixels, batch_size)])
+    lateral = float((p >= threshold).float().mean())
+    return {"frontal_fraction": 1.0 - lateral, "lateral_fraction": lateral, "n_images": len(images)}
+
+
+# ---------------------------------------------------------------------------------- memorization
+
+
+def pixel_embedding(pixels: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """[N, size*size]: grey, area-downsampled to ``size`` px, each image standardised (zero mean,
+    unit variance over its pixels).
+
+    Why this embedding: it is fixed (no training, no weights, nothing to leak or download), it
+    measures what privacy is about - a radiograph that *looks* like one patient's, not one that
+    shares abstract features - and standardising removes exposure and contrast, which a generator
+    changes freely. Downsampling forgives noise, JPEG and sub-pixel jitter. It is not invariant to
+    shifts, rotations or flips: a mirrored copy is missed (a learned embedding is the remedy).
+    """
+    x = F.adaptive_avg_pool2d(pixels.float().mean(1, keepdim=True), size).flatten(1)
+    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+
+
+@torch.no_grad()
+def _embed(images: Images, embed, batch_size: int = 256) -> np.ndarray:
+    if embed is None:
+        return pixel_embedding(images.pixels).numpy()
+    embed.eval()
+    device = next(embed.parameters(), torch.empty(0)).device
+    out = [embed(b.to(device)).flatten(1).float().cpu() for b in _batches(images.pixels, batch_size)]
+    return torch.cat(out).numpy()
+
+
+def memorization(generated, train, threshold: float = 0.95, k: int = 16, embed: nn.Module | None = None,
+                 resolution: int = 64) -> dict:
+    """Nearest-neighbour cosine similarity of each generated image to the fine-tuning images.
+
+    Both sets are embedded (``pixel_embedding``, or ``embed``: a feature module such as
+    ``ClassifierFeatures``), the training set's mean embedding - the average chest X-ray - is
+    subtracted from both, so similarity is about what is particular to an image (an unrelated
+    radiograph scores ~0, an exact copy 1); then sklearn's ``NearestNeighbors`` (cosine).
+
+    Returns ``fraction_above`` (share of generated images with similarity >= ``threshold``),
+    ``max_similarity``, ``mean_nn_similarity``, ``similarities`` (one per generated image, in
+    order) and ``pairs``: the ``k`` closest ``(generated path, training path, similarity)``,
+    most similar first.
+    """
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} is not a cosine similarity in [-1, 1]")
+    gen, ref = load_images(generated, resolution), load_images(train, resolution)
+    ref_emb = _embed(ref, embed)
+    mean = ref_emb.mean(0, keepdims=True)
+    nn_index = NearestNeighbors(n_neighbors=1, metric="cosine", algorithm="brute").fit(ref_emb - mean)
+    dist, idx = nn_index.kneighbors(_embed(gen, embed) - mean)
+    sim, idx = 1.0 - dist[:, 0], idx[:, 0]
+    order = np.argsort(-sim, kind="stable")[:k]
+    return {"fraction_above": float((sim >= threshold).mean()), "max_similarity": float(sim.max()),
+            "mean_nn_similarity": float(sim.mean()), "similarities": sim.tolist(), "threshold": threshold,
+            "pairs": [(gen.paths[i], ref.paths[idx[i]], float(sim[i])) for i in order]}
+
+
+def closest_pairs_figure(pairs, n: int = 8, size: int = 128) -> Image.Image:
+    """Rows of generated | nearest training image, with the similarity under each row."""
+    pairs = list(pairs)[:n]
+    if not pairs:
+        raise ValueError("closest_pairs_figure: no pairs")
+    caption, gap = 14, 4
+    fig = Image.new("L", (2 * size + gap, len(pairs) * (size + caption)), 255)
+    draw = ImageDraw.Draw(fig)
+    for row, (gen_path, train_path, sim) in enumerate(pairs):
+        y = row * (size + caption)
+        for col, path in enumerate((gen_path, train_path)):
+            try:
+                with Image.open(path) as im:
+                    tile = ImageOps.fit(im.convert("L"), (size, size))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"closest_pairs_figure: cannot read {path}: {err}") from err
+            fig.paste(tile, (col * (size + gap), y))
+        draw.text((2, y + size + 1), f"{sim:.3f}  {Path(gen_path).parent.parent.name} | "
+                                     f"{Path(train_path).parent.parent.name}", fill=0)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ Frechet
+
+
+class ClassifierFeatures(nn.Module):
+    """A harness classifier's penultimate features: its conv trunk (``model.features``; both
+    SmallCNN and torchxrayvision's DenseNet have one), ReLU, global average pool -> [N, channels]
+    (128 for small_cnn). Frozen and always in eval mode (BatchNorm keeps its trained statistics).
+
+    Globally pooled, as Inception's 2048 FID features are, rather than SmallCNN's 4x4 x 128 = 2048
+    head input: the Fréchet distance needs a covariance estimate, and 128 dimensions are estimable
+    from a few hundred images where 2048 need thousands.
+    """
+
+    def __init__(self, model: nn.Module, in_channels: int = 1, size: int = 64):
+        super().__init__()
+        if not hasattr(model, "features"):
+            raise TypeError(f"{type(model).__name__} has no .features conv trunk")
+        self.model = model.eval().requires_grad_(False)
+        with torch.no_grad():
+            self.num_features = int(self(torch.zeros(1, in_channels, size, size)).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(F.relu(self.model.features(x)), 1).flatten(1)
+
+    def train(self, mode: bool = True):  # noqa: ARG002 - like torchmetrics' NoTrainInceptionV3
+        return super().train(False)
+
+
+@torch.no_grad()
+def frechet_distance(real_images, generated_images, feature_extractor: nn.Module, resolution: int = 64,
+                     batch_size: int = 64) -> float:
+    """Fréchet distance between the feature Gaussians of two image sets (torchmetrics' FID with
+    ``feature=feature_extractor``; statistics in float64).
+
+    ``feature_extractor`` maps [B, 1, H, W] images in [-1, 1] to [B, d]: ``ClassifierFeatures``
+    of the real-trained classifier here. With weights available locally the same function takes
+    them through a small adapter module, e.g. torchxrayvision's DenseNet
+    (``xrv.models.DenseNet(weights=...)``: ``lambda x: model.features2(resize(x, 224) * 1024)``)
+    or torchmetrics' ``NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+    feature_extractor_weights_path=PATH)`` fed ``((x + 1) * 127.5).byte().repeat(1, 3, 1, 1)``.
+    Values are only comparable with the same extractor (and similar set sizes: FID is biased
+    upwards for small sets).
+    """
+    real, gen = load_images(real_images, resolution), load_images(generated_images, resolution)
+    if len(real) < 2 or len(gen) < 2:
+        raise ValueError(f"Fréchet distance needs 2+ images per set; got {len(real)} real, {len(gen)} generated")
+    feature_extractor.eval()
+    fid = FrechetInceptionDistance(feature=feature_extractor, normalize=True,
+                                   input_img_size=tuple(real.pixels.shape[1:]))
+    device = next(feature_extractor.parameters(), torch.empty(0)).device
+    fid = fid.to(device)
+    for images, is_real in ((real, True), (gen, False)):
+        for batch in _batches(images.pixels, batch_size):
+            fid.update(batch.to(device), real=is_real)
+    return float(fid.compute().clamp_min(0.0))
+
+
+# ------------------------------------------------------------------------------------ entry point
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.checks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--generated", required=True, help="generated data set, e.g. chexpert:<dir>/CheXpert-v1.0-small")
+    p.add_argument("--real", default="phantom", help="the real data set the model was fine-tuned on")
+    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"],
+                   help="views of the real train split that were fine-tuned on (memorization and FID reference)")
+    p.add_argument("--classifier_run", default="", help="run whose classifier/model.pt gives the FID features")
+    p.add_argument("--resolution", type=int_arg, default=64)
+    p.add_argument("--view_epochs", type=int_arg, default=4)
+    p.add_argument("--batch_size", type=int_arg, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that counts as a near-copy")
+    p.add_argument("--n_pairs", type=int_arg, default=8, help="closest pairs shown in the figure")
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    p.add_argument("--threads", type=int_arg, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--experiment", default=None)
+    args = p.parse_args(argv)
+    if args.resolution < 16 or min(args.view_epochs, args.batch_size, args.n_pairs) < 1:
+        p.error("resolution must be at least 16 and view_epochs, batch_size, n_pairs positive")
+    return args
+
+
+def main(argv=None) -> str:
+    """Run the three checks on one generated data set; returns the MLflow run id."""
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        with tracking.tracked_run("checks", args.experiment, tags={"harness.entry_point": "checks"}) as run:
+            tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+            run_checks(args)
+            return run.info.run_id
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_checks(args) -> dict[str, float]:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    res = args.resolution
+    extractor_model = classifier_from_run(args.classifier_run) if args.classifier_run else None  # fail early
+    gen = load_images(generated_table(args.generated), res)
+    train = load_images(load_table(args.real, "train", views=args.views, labels=[]), res)
+    held_out = load_images(load_table(args.real, "valid", views=args.views, labels=[]), res)
+    mlflow.log_params({"n_generated_images": len(gen), "n_real_train_images": len(train)})
+
+    view_model = train_view_classifier(args.real, res, args.view_epochs, args.seed, args.lr, args.batch_size, device)
+    meta = view_model.harness_meta
+    mlflow.set_tag("harness.view_classifier", f"{meta['cache_path']} ({'cached' if meta['cached'] else 'trained'})")
+    log_classifier(view_model, **{k: v for k, v in meta.items() if k not in ("cache_path", "cached")})
+    views = view_fraction(view_model.to(device), gen)
+
+    mem = memorization(gen, train, args.threshold, k=args.n_pairs)
+    reference = memorization(held_out, train, args.threshold, k=0)
+    mlflow.log_dict({k: v for k, v in mem.items() if k != "similarities"}
+                    | {"generated": gen.paths, "nn_similarity": mem["similarities"]}, "memorization/pairs.json")
+    mlflow.log_image(closest_pairs_figure(mem["pairs"], args.n_pairs), "memorization/closest_pairs.png")
+
+    if extractor_model is not None:
+        mlflow.set_tag("harness.feature_extractor", f"run {args.classifier_run} {CLASSIFIER_ARTIFACT}")
+    else:
+        extractor_model = view_model
+        mlflow.set_tag("harness.feature_extractor", "view classifier")
+    features = ClassifierFeatures(extractor_model.cpu(), size=res).to(device)
+    fd = frechet_distance(train, gen, features, res)
+
+    metrics = {"view_frontal_fraction": views["frontal_fraction"], "view_lateral_fraction": views["lateral_fraction"],
+               "view_classifier_valid_auc": meta["valid_auc"], "view_classifier_valid_accuracy": meta["valid_accuracy"],
+               "memorization_fraction": mem["fraction_above"], "memorization_max_similarity": mem["max_similarity"],
+               "memorization_mean_similarity": mem["mean_nn_similarity"],
+               "memorization_reference_max_similarity": reference["max_similarity"],
+               "memorization_reference_fraction": reference["fraction_above"],
+               "memorization_fraction_above_reference": float(np.mean(np.array(mem["similarities"])
+                                                                      > reference["max_similarity"])),
+               "frechet_distance": fd}
+    mlflow.log_metrics(metrics)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
