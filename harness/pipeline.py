@@ -1,4 +1,4 @@
-"""The whole study in one run: base -> fine-tune each arm -> per checkpoint generate + classify,
+"""The whole study in one run: fine-tune each arm -> per checkpoint generate, classify and check,
 against a classifier trained on real images; prints the write-up's table.
 
     python -m harness.pipeline                     # the embedded default, CPU-sized
@@ -21,7 +21,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from harness import classify, finetune, generate, tracking
+from harness import checks, classify, finetune, generate, tracking
 from harness.cli import bool_arg, int_arg
 from harness.pathologies import FINDINGS
 
@@ -112,7 +112,9 @@ def study(args) -> pd.DataFrame:
             synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
             judged = run_step(f"classify/{arm}/{step}", classify.main, [
                 "--train", synthetic, "--baseline_run", baseline, *classify_common], args.force)
-            rows[f"{arm} @ {step}"] = _row(judged)
+            checked = run_step(f"checks/{arm}/{step}", checks.main, [
+                "--generated", synthetic, "--real", args.data, "--seed", str(args.seed)], args.force)
+            rows[f"{arm} @ {step}"] = {**_row(judged), **_checks_row(checked)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
@@ -125,6 +127,14 @@ def _gcd(steps: list[int]) -> int:
     for s in steps:
         out = gcd(out, s)
     return out
+
+
+def _checks_row(run_id: str) -> dict:
+    """What the write-up judged by eye: view mix, near-copies of training images, distance."""
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return {"frontal fraction": metrics.get("view_frontal_fraction", float("nan")),
+            "memorized fraction": metrics.get("memorization_fraction", float("nan")),
+            "Frechet distance": metrics.get("frechet_distance", float("nan"))}
 
 
 def _row(run_id: str) -> dict:

@@ -22,13 +22,15 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     table = pipeline.main(argv)
     assert list(table.index) == ["real images", "dreambooth @ 1", "dreambooth @ 2", "text_encoder @ 1",
                                  "text_encoder @ 2"]
-    assert list(table.columns) == FINDINGS + ["macro AUC", "accuracy"]
+    assert list(table.columns) == FINDINGS + ["macro AUC", "accuracy", "frontal fraction", "memorized fraction",
+                                              "Frechet distance"]
+    assert table.loc["dreambooth @ 2", "frontal fraction"] >= 0
     runs = _runs()
-    # 1 pipeline + 1 real classify + 2 arms x (1 finetune + 2 x (generate + classify))
-    assert len(runs) == 1 + 1 + 2 * 5 and {r.info.status for r in runs} == {"FINISHED"}
+    # 1 pipeline + 1 real classify + 2 arms x (1 finetune + 2 x (generate + classify + checks))
+    assert len(runs) == 1 + 1 + 2 * 7 and {r.info.status for r in runs} == {"FINISHED"}
     parent = next(r for r in runs if r.data.tags.get("harness.entry_point") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 11
+    assert len(children) == 15
     baseline = next(r for r in children if r.data.params.get("train") == f"chexpert:{tiny_phantom}")
     assert math.isclose(table.loc["real images", "macro AUC"], baseline.data.metrics["auc_macro"], rel_tol=1e-9) \
         or math.isnan(baseline.data.metrics["auc_macro"])
