@@ -142,6 +142,18 @@ class PromptedImages(torch.utils.data.Dataset):
         self.images, self.input_ids, self.prompts = images, input_ids, prompts
         self.cache, self.cache_left = {}, cache_bytes
 
+    def preload(self) -> bool:
+        """Decode every image now if the whole set fits the cache (a few seconds for the embedded
+        set), so training steps never wait on JPEG decoding."""
+        if not len(self):
+            return False
+        first = self[0]["pixel_values"]
+        if first.numel() * first.element_size() * len(self) > self.cache_left + first.numel() * first.element_size():
+            return False
+        for i in tqdm(range(len(self)), desc="decoding images", leave=False):
+            self[i]
+        return True
+
     def __len__(self):
         return len(self.images)
 
@@ -214,6 +226,8 @@ def train(args, key: str, out: Path, run_id: str) -> None:
                      context="training")
     mlflow.log_dict(summarize(table), "data/summary.json")
     tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
+    if args.num_workers == 0:
+        dataset.preload()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))

@@ -1,0 +1,48 @@
+"""Classification metrics: per-label ROC AUC with unknown targets masked, and their macro mean."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def per_label_auc(y_true, y_score, labels) -> dict[str, float]:
+    """ROC AUC of each column; rows whose target is NaN are left out of that column only.
+
+    A column with one class, no known target or non-finite scores gets NaN and a warning naming
+    it - never an error.
+    """
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    labels = list(labels)
+    if y_true.ndim == 1:
+        y_true, y_score = y_true[:, None], y_score.reshape(-1, 1)
+    if y_true.shape != y_score.shape:
+        raise ValueError(f"y_true has shape {y_true.shape} but y_score has shape {y_score.shape}")
+    if y_true.shape[1] != len(labels):
+        raise ValueError(f"{len(labels)} labels {labels} for {y_true.shape[1]} columns")
+    out = {}
+    for j, label in enumerate(labels):
+        known = ~np.isnan(y_true[:, j])
+        classes = np.unique(y_true[known, j])
+        if len(classes) < 2:
+            warnings.warn(f"AUC of {label!r} is undefined: its {int(known.sum())} known target(s) are all "
+                          f"{classes.tolist() or 'missing'}", RuntimeWarning, stacklevel=2)
+            out[label] = float("nan")
+            continue
+        if not np.isfinite(y_score[known, j]).all():  # a diverged model: report, do not crash
+            warnings.warn(f"AUC of {label!r} is undefined: its scores contain NaN or inf", RuntimeWarning, stacklevel=2)
+            out[label] = float("nan")
+            continue
+        out[label] = float(roc_auc_score(y_true[known, j], y_score[known, j]))
+    return out
+
+
+def macro_auc(per_label: dict) -> float:
+    """Mean of the defined per-label AUCs; NaN when none is defined."""
+    values = np.array(list(per_label.values()), dtype=np.float64)
+    if values.size == 0 or np.isnan(values).all():
+        return float("nan")
+    return float(np.nanmean(values))
