@@ -250,12 +250,13 @@ def train(args, key: str, out: Path, run_id: str) -> None:
     grids = []
 
     # --- steps -------------------------------------------------------------------------------
+    unet_dtype = unet.dtype  # a property that walks the module tree: read once, not every step
     progress = tqdm(total=args.steps, initial=step, desc=f"{args.arm}", disable=not accelerator.is_main_process)
     window_start, window_images = time.perf_counter(), 0
     while step < args.steps:
         batch = next(batches)
         with accelerator.accumulate(*models):
-            loss = _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype)
+            loss = _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype, unet_dtype)
             if not torch.isfinite(loss):
                 metrics.flush()
                 last = _checkpoints(out)
@@ -302,9 +303,10 @@ def train(args, key: str, out: Path, run_id: str) -> None:
     mlflow.log_dict({"prompts": grid_prompts}, "grids/prompts.json")
 
 
-def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype):
-    pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
-    ids = batch["input_ids"].to(text_encoder.device)
+def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype, unet_dtype):
+    device = next(vae.parameters()).device
+    pixels = batch["pixel_values"].to(device, dtype=weight_dtype)
+    ids = batch["input_ids"].to(device)
     if prior is not None:
         n = pixels.shape[0]
         pick = torch.randint(len(prior["pixel_values"]), (n,))
@@ -316,7 +318,7 @@ def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_d
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     hidden = text_encoder(ids)[0]
-    pred = unet(noisy.to(unet.dtype), t, hidden.to(unet.dtype)).sample
+    pred = unet(noisy.to(unet_dtype), t, hidden.to(unet_dtype)).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)
     else:
