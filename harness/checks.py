@@ -51,14 +51,14 @@ from sklearn.neighbors import NearestNeighbors
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness import tracking
-from harness.classifier import build_classifier, predict, train_classifier
+from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
+                                log_classifier, predict, save_classifier, train_classifier)
 from harness.classify import CachedImages
 from harness.cli import int_arg
 from harness.data import DataSpec, ImageDataset, load_table
 from harness.data.datasets import SPLITS
 from harness.metrics import per_label_auc
 
-CLASSIFIER_ARTIFACT = "classifier/model.pt"
 VIEW_LABEL = "lateral"  # the view classifier's one output: P(lateral)
 CACHE_VERSION = 1  # bump when a cached view classifier would no longer be what the code trains
 
@@ -117,50 +117,6 @@ def generated_table(spec: str | DataSpec) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------ saved classifiers
-
-
-def save_classifier(model: nn.Module, path, **meta) -> Path:
-    """Save a harness classifier with what rebuilds it (``meta`` needs ``architecture`` - a
-    ``build_classifier`` name -, ``n_labels``, ``in_channels``; plain values only). Atomic."""
-    missing = [k for k in ("architecture", "n_labels", "in_channels") if k not in meta]
-    if missing:
-        raise ValueError(f"save_classifier: meta lacks {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_classifier(path) -> nn.Module:
-    """A classifier written by ``save_classifier``, in eval mode, its meta as ``harness_meta``."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    meta = saved["meta"]
-    model = build_classifier(meta["architecture"], meta["n_labels"], meta["in_channels"])
-    model.load_state_dict(saved["state_dict"])
-    model.harness_meta = meta
-    return model.eval()
-
-
-def log_classifier(model: nn.Module, **meta) -> None:
-    """Log a classifier to the active run as ``classifier/model.pt`` (for ``--classifier_run``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(save_classifier(model, Path(tmp) / "model.pt", **meta)), "classifier")
-
-
-def classifier_from_run(run_id: str) -> nn.Module:
-    """The classifier a run logged with ``log_classifier``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CLASSIFIER_ARTIFACT, dst_path=tmp)
-        except Exception as err:  # MlflowException or OSError, depending on the store
-            raise ValueError(f"run {run_id} has no {CLASSIFIER_ARTIFACT} (log one with harness.checks.log_classifier): "
-                             f"{err}") from err
-        return load_classifier(path)
-
-
-# ------------------------------------------------------------------------------------------ views
 
 
 def _digest(table: pd.DataFrame) -> str:

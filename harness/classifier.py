@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import tempfile
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
 import torch.nn as nn
@@ -134,3 +138,52 @@ def train_classifier(model: nn.Module, train_loader, valid_loader, epochs: int =
     bar.close()
     model.load_state_dict(best)
     return model, history
+
+
+# ------------------------------------------------------------------------- saving and loading
+
+CLASSIFIER_ARTIFACT = "classifier/model.pt"
+
+
+def save_classifier(model: nn.Module, path, **meta) -> Path:
+    """Save a harness classifier with what rebuilds it (``meta`` needs ``architecture`` - a
+    ``build_classifier`` name -, ``n_labels``, ``in_channels``; plain values only). Atomic."""
+    missing = [k for k in ("architecture", "n_labels", "in_channels") if k not in meta]
+    if missing:
+        raise ValueError(f"save_classifier: meta lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_classifier(path) -> nn.Module:
+    """A classifier written by ``save_classifier``, in eval mode, its meta as ``harness_meta``."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    meta = saved["meta"]
+    model = build_classifier(meta["architecture"], meta["n_labels"], meta["in_channels"])
+    model.load_state_dict(saved["state_dict"])
+    model.harness_meta = meta
+    return model.eval()
+
+
+def log_classifier(model: nn.Module, **meta) -> None:
+    """Log a classifier to the active run as ``classifier/model.pt`` (for ``--classifier_run``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(save_classifier(model, Path(tmp) / "model.pt", **meta)), "classifier")
+
+
+def classifier_from_run(run_id: str) -> nn.Module:
+    """The classifier a run logged with ``log_classifier``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CLASSIFIER_ARTIFACT, dst_path=tmp)
+        except Exception as err:  # MlflowException or OSError, depending on the store
+            raise ValueError(f"run {run_id} has no {CLASSIFIER_ARTIFACT} (classify runs log one): "
+                             f"{err}") from err
+        return load_classifier(path)
+
+
+# ------------------------------------------------------------------------------------------ views

@@ -54,7 +54,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_curve
 
 from harness import tracking
-from harness.classifier import CLASSIFIERS, build_classifier, predict, train_classifier
+from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
 from harness.cli import int_arg
 from harness.data import DataSpec, ImageDataset, load_table, summarize
 from harness.data.datasets import META_COLUMNS
@@ -254,6 +254,8 @@ def _classify(args, run_id: str) -> dict[str, float]:
                                       labels=labels, progress=False)
     train_s = time.perf_counter() - start
     _log_history(history, labels, run_id)
+    # The selected model: checks take its features for the Frechet distance (--classifier_run).
+    log_classifier(model, architecture=args.model, n_labels=len(labels), in_channels=1, labels=labels)
 
     # The one look at the test split.
     scores, targets = predict(model, _loader(tables["test"], labels, args, shuffle=False), device)

@@ -113,7 +113,8 @@ def study(args) -> pd.DataFrame:
             judged = run_step(f"classify/{arm}/{step}", classify.main, [
                 "--train", synthetic, "--baseline_run", baseline, *classify_common], args.force)
             checked = run_step(f"checks/{arm}/{step}", checks.main, [
-                "--generated", synthetic, "--real", args.data, "--seed", str(args.seed)], args.force)
+                "--generated", synthetic, "--real", args.data, "--seed", str(args.seed),
+                "--classifier_run", baseline], args.force)  # distance in the real-trained classifier's features
             rows[f"{arm} @ {step}"] = {**_row(judged), **_checks_row(checked)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
