@@ -56,7 +56,7 @@ from sklearn.metrics import roc_curve
 from harness import tracking
 from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
 from harness.cli import int_arg
-from harness.data import DataSpec, ImageDataset, load_table, summarize
+from harness.data import CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.datasets import META_COLUMNS
 from harness.evaluate import bootstrap_auc, paired_difference, per_label_accuracy
 from harness.metrics import macro_auc, per_label_auc
@@ -168,26 +168,6 @@ def _mix(train: pd.DataFrame, real: pd.DataFrame, ratio: float, seed: int) -> pd
     mixed.attrs = {**train.attrs, "mixed_with": real.attrs["spec"], "n_mixed_real": n_real,
                    "n_mixed_train": total - n_real}
     return mixed
-
-
-class CachedImages(torch.utils.data.Dataset):
-    """An ImageDataset whose decoded items stay in memory up to ``cache_bytes`` (64 px grey: 16 kB
-    each, so the phantom fits whole), so later epochs skip JPEG decoding."""
-
-    def __init__(self, images: ImageDataset, cache_bytes: int = 2 << 30):
-        self.images, self.cache, self.cache_left = images, {}, cache_bytes
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        if i in self.cache:
-            return self.cache[i]
-        item = self.images[i]
-        size = item["pixel_values"].nbytes
-        if size <= self.cache_left:
-            self.cache[i], self.cache_left = item, self.cache_left - size
-        return item
 
 
 def _loader(table, labels, args, shuffle: bool):

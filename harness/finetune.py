@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from harness import tracking
 from harness.cli import int_arg
-from harness.data import DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
+from harness.data import CachedImages, DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
 ARMS = {
     "dreambooth": ("unet",),
@@ -134,36 +134,16 @@ def _data(args, tokenizer, resolution: int):
 
 
 class PromptedImages(torch.utils.data.Dataset):
-    """Images with the token ids of their label prompt. Decoded images are kept in memory up to
-    ``cache_bytes`` (the embedded data set fits whole), so later epochs skip JPEG decoding."""
+    """Images (decoded once, kept in memory when they fit) with the token ids of their prompt."""
 
-    def __init__(self, images: ImageDataset, input_ids: torch.Tensor, prompts: list[str],
-                 cache_bytes: int = 2 << 30):
-        self.images, self.input_ids, self.prompts = images, input_ids, prompts
-        self.cache, self.cache_left = {}, cache_bytes
-
-    def preload(self) -> bool:
-        """Decode every image now if the whole set fits the cache (a few seconds for the embedded
-        set), so training steps never wait on JPEG decoding."""
-        if not len(self):
-            return False
-        first = self[0]["pixel_values"]
-        if first.numel() * first.element_size() * len(self) > self.cache_left + first.numel() * first.element_size():
-            return False
-        for i in tqdm(range(len(self)), desc="decoding images", leave=False):
-            self[i]
-        return True
+    def __init__(self, images: ImageDataset, input_ids: torch.Tensor, prompts: list[str]):
+        self.images, self.input_ids, self.prompts = CachedImages(images), input_ids, prompts
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        item = self.cache.get(i)
-        if item is None:
-            item = self.images[i]
-            size = item["pixel_values"].numel() * item["pixel_values"].element_size()
-            if size <= self.cache_left:
-                self.cache[i], self.cache_left = item, self.cache_left - size
+        item = self.images[i]
         return {"pixel_values": item["pixel_values"], "input_ids": self.input_ids[item["index"]]}
 
 
@@ -227,7 +207,7 @@ def train(args, key: str, out: Path, run_id: str) -> None:
     mlflow.log_dict(summarize(table), "data/summary.json")
     tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
     if args.num_workers == 0:
-        dataset.preload()
+        dataset.images.preload()
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))

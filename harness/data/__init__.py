@@ -1,6 +1,6 @@
 """Data sets (``FORMAT:PATH``), their tables and image tensors, and prompts built from labels."""
 
-from harness.data.datasets import DataSpec, ImageDataset, load_table, summarize
+from harness.data.datasets import CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.prompts import (
     DEFAULT_TEMPLATE,
     NO_FINDING_TEMPLATE,
@@ -10,6 +10,7 @@ from harness.data.prompts import (
 )
 
 __all__ = [
+    "CachedImages",
     "DataSpec",
     "load_table",
     "ImageDataset",

@@ -509,3 +509,38 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.channels == 1 or img.mode in ("L", "LA", "1"):
             return img.convert("L")
         return img.convert("RGB")
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """An ``ImageDataset`` whose decoded items stay in memory up to ``cache_bytes`` (the embedded
+    phantom fits whole at training resolutions), so epochs after the first skip JPEG decoding."""
+
+    def __init__(self, images: ImageDataset, cache_bytes: int = 2 << 30):
+        self.images, self.cache, self.cache_left = images, {}, cache_bytes
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.images.skipped
+
+    def preload(self) -> bool:
+        """Decode every image now if all fit, so no training step waits on decoding."""
+        if not len(self):
+            return False
+        size = self[0]["pixel_values"].nbytes
+        if size * (len(self) - 1) > self.cache_left:
+            return False
+        for i in range(len(self)):
+            self[i]
+        return True
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.cache:
+            return self.cache[i]
+        item = self.images[i]
+        size = item["pixel_values"].nbytes
+        if size <= self.cache_left:
+            self.cache[i], self.cache_left = item, self.cache_left - size
+        return item
