@@ -19,7 +19,6 @@ images (its last ones) go to ``valid.csv`` for model selection.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from harness import tracking
 from harness.data import DataSpec, disease_prompts, load_table, summarize
+from harness.data.datasets import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
 from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE
 from harness.cli import int_arg
@@ -241,8 +241,8 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
         t0 = time.perf_counter()
     progress.close()
     for split, split_rows in csv_rows.items():
-        _write_csv(archive / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
-    _write_csv(root / "prompts.csv", ["path", "split", "finding", "prompt", "seed"],
+        write_csv(archive / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
+    write_csv(root / "prompts.csv", ["path", "split", "finding", "prompt", "seed"],
                [{k: j[k] for k in ("path", "split", "finding", "prompt", "seed")} for j in jobs])
     (root / "generate.json").write_text(json.dumps(
         {k: v for k, v in vars(args).items() if k != "experiment"} | {"resolution_px": resolution}, indent=2) + "\n")
@@ -258,14 +258,6 @@ def _labels(finding: str) -> dict:
     for label in FINDINGS + [NO_FINDING]:
         cells[label] = "1.0" if label == finding else "0.0"
     return cells
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ the signs down (and squeezes the CTRs of both classes towards 0.5) and the noise
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from harness.data.datasets import write_csv
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 
 GENERATOR_VERSION = 2  # bump when the output for given parameters changes: it keys ensure_phantom's cache
@@ -544,8 +544,8 @@ def write_phantom(root, n_patients: int = DEFAULT_PATIENTS, seed: int = 0, diffi
                 rows[split_of[i]].append(row)
                 truth.append(truth_row)
         for name, split_rows in rows.items():
-            _write_csv(out / f"{name}.csv", CHEXPERT_COLUMNS, split_rows)
-        _write_csv(out / TRUTH_CSV, list(truth[0]), truth)
+            write_csv(out / f"{name}.csv", CHEXPERT_COLUMNS, split_rows)
+        write_csv(out / TRUTH_CSV, list(truth[0]), truth)
         params = {"generator_version": GENERATOR_VERSION, "n_patients": n_patients, "seed": seed,
                   "difficulty": difficulty, "size": size}
         (out / "phantom.json").write_text(json.dumps(params, indent=2) + "\n")
@@ -558,13 +558,6 @@ def write_phantom(root, n_patients: int = DEFAULT_PATIENTS, seed: int = 0, diffi
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _write_csv(path: Path, header: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _data_dir(cache_dir=None) -> Path:
