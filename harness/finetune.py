@@ -336,10 +336,12 @@ def _resume(args, key: str, out: Path, run_id: str, accelerator) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta and meta["run_key"] != key:
+    if meta and meta["run_key"] != key and args.resume == "auto":
         raise ValueError(f"{out} holds a run with other parameters (key {meta['run_key']} != {key}); "
                          "pass another --output_dir or --resume never")
     resumable = [c for c in _checkpoints(out) if (c / "state").is_dir()]
+    if resumable and json.loads((resumable[-1] / "step.json").read_text())["step"] >= args.steps:
+        resumable = []  # that run finished: a rerun trains again rather than logging an empty run
     step = 0
     if args.resume == "auto" and resumable and meta:
         last = resumable[-1]
@@ -350,7 +352,7 @@ def _resume(args, key: str, out: Path, run_id: str, accelerator) -> int:
         if previous != run_id:
             tracking.copy_metric_history(previous, run_id, ["loss", "lr", "throughput_images_per_s"], step)
         print(f"resuming from {last} (step {step}) of run {previous}")
-    elif args.resume == "never":
+    else:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
     return step

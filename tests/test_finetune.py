@@ -131,6 +131,17 @@ def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, t
     with pytest.raises(ValueError, match="holds a run with other parameters"):
         finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4"),
                       arm="dreambooth")
+    # --resume never overwrites it
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4", "--resume", "never"),
+                  arm="dreambooth")
+
+
+def test_rerun_of_a_finished_run_trains_again(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth")
+    again = MlflowClient().get_run(finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth"))
+    assert "harness.resumed_from" not in again.data.tags and "harness.checkpoint.000002" in again.data.tags
+    assert len(MlflowClient().get_metric_history(again.info.run_id, "loss")) == 2
 
 
 def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
