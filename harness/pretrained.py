@@ -29,6 +29,9 @@ def resolve(name: str) -> str:
     from registry.pyfunc import pipeline_dir_in, pipeline_dir_of
 
     if name == "base":
+        from harness.tracking import use_project_store
+
+        use_project_store()
         name = latest_base_uri()
     if name.startswith(("models:/", "runs:/")):
         # Versions are immutable, so a downloaded copy is reused (aliases like @champion are not).

@@ -33,10 +33,15 @@ TAG_ERROR = "harness.error"
 TAG_STEP = "harness.step"
 
 
-def setup(experiment: str | None = None) -> None:
-    """Point MLflow at the project store and experiment (both overridable by the environment)."""
+def use_project_store() -> None:
+    """The project's SQLite store, unless MLFLOW_TRACKING_URI says otherwise."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+
+
+def setup(experiment: str | None = None) -> None:
+    """Point MLflow at the project store and experiment (both overridable by the environment)."""
+    use_project_store()
     # `mlflow run` hands its run (and experiment) to the step through the environment.
     if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return
