@@ -8,6 +8,8 @@ against a classifier trained on real images; prints the write-up's table.
 Each step is the entry point's own ``main`` run as a nested MLflow run of this one. As in MLflow's
 multistep example, a step that already FINISHED with identical parameters, code and data is
 reused instead of rerun (tag ``harness.step_key``); ``--force true`` redoes everything.
+Each judged checkpoint is registered as a version of ``cxr-sd-<data>`` (``registry.register``) and
+the best one gets the ``champion`` alias (``registry.promote``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -24,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from harness import checks, classify, finetune, generate, tracking
 from harness.cli import bool_arg, int_arg
 from harness.pathologies import FINDINGS
+from registry.promote import promote
+from registry.register import model_name, register_checkpoint
 
 STEP_KEY = "harness.step_key"
 CODE_DIRS = ("harness", "registry")
@@ -44,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classifier", default="small_cnn")
     p.add_argument("--epochs", type=int_arg, default=8)
     p.add_argument("--seed", type=int_arg, default=0)
+    p.add_argument("--promote_margin", type=float, default=0.0, help="AUC a checkpoint must gain to take champion")
     p.add_argument("--force", type=bool_arg, default=False, help="rerun steps even when a finished one matches")
     p.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
@@ -87,6 +93,8 @@ def main(argv=None) -> pd.DataFrame:
         tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "eval"}})
         start = time.perf_counter()
         table = study(args)
+        if args.arms.strip():
+            _promote(model_name(args.data), args.promote_margin)
         mlflow.log_metric("pipeline_seconds", time.perf_counter() - start)
         mlflow.log_table(table.reset_index(), "comparison.json")
         mlflow.log_text(table.to_markdown(floatfmt=".3f"), "comparison.md")
@@ -115,10 +123,23 @@ def study(args) -> pd.DataFrame:
             checked = run_step(f"checks/{arm}/{step}", checks.main, [
                 "--generated", synthetic, "--real", args.data, "--seed", str(args.seed),
                 "--classifier_run", baseline], args.force)  # distance in the real-trained classifier's features
+            version = register_checkpoint(tune, step, judged, gen, checked)
+            print(f"[pipeline] {arm} @ {step}: registered {version.name} version {version.version}")
             rows[f"{arm} @ {step}"] = {**_row(judged), **_checks_row(checked)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
+
+
+def _promote(name: str, margin: float) -> None:
+    try:
+        decision = promote(name, margin=margin)
+    except ValueError as e:  # e.g. every checkpoint's macro AUC is nan (a test split without positives)
+        warnings.warn(f"no champion promoted: {e}")
+        mlflow.set_tag("harness.champion", f"none: {e}"[:5000])
+        return
+    mlflow.set_tag("harness.champion", f"{name}@champion = version {decision.champion}")
+    print(f"[pipeline] {name}@champion: {decision.reason}")
 
 
 def _gcd(steps: list[int]) -> int:

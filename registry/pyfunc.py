@@ -73,9 +73,16 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "diffusers", "transformers", "accelerate")]
 
 
+def example_input() -> pd.DataFrame:
+    """What a caller sends: prompts, with optional seed, steps and guidance per row."""
+    return pd.DataFrame({"prompt": ["a frontal chest x-ray showing cardiomegaly"], "seed": [0],
+                         "num_inference_steps": [2], "guidance_scale": [DEFAULT_GUIDANCE]})
+
+
 def log_pipeline(pipeline_dir: str | Path, name: str = "model", registered_model_name: str | None = None,
                  resolution: int | None = None, input_example: pd.DataFrame | None = None):
     """Log a diffusers pipeline directory as a pyfunc model of the active run; optionally register it.
+    The model carries a signature and an input example (``example_input()`` unless one is given).
 
     Returns MLflow's ``ModelInfo`` (``registered_model_version`` is set when registered).
     """
@@ -95,7 +102,7 @@ def log_pipeline(pipeline_dir: str | Path, name: str = "model", registered_model
         artifacts={PIPELINE_ARTIFACT: str(pipeline_dir)},
         code_paths=[str(Path(__file__).parent)],
         signature=signature(resolution),
-        input_example=input_example,
+        input_example=input_example if input_example is not None else example_input(),
         pip_requirements=_requirements(),
         registered_model_name=registered_model_name,
     )

@@ -1,0 +1,197 @@
+"""Registry: evaluated checkpoints become versions (once), the champion alias moves only for a
+better version, racing promotions end with the better one, and ``models:/...@champion`` draws images.
+
+The runs here are real MLflow runs holding a real (tiny) pipeline model; their metrics are set
+directly, so each case controls which version is better."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from registry import promote as promote_module
+from registry.promote import history, promote
+from registry.pyfunc import log_pipeline
+from registry.register import model_name, register_checkpoint
+
+NAME = "cxr-sd-phantom"
+
+
+@pytest.fixture
+def checkpoint(mlflow_store, tiny_pipeline_dir):
+    """A finished fine-tuning run with a logged checkpoint at each of the given steps."""
+
+    def make(steps=(1,), arm="dreambooth"):
+        with mlflow.start_run(run_name=arm) as run:
+            mlflow.log_params({"data": "phantom", "arm": arm})
+            for step in steps:
+                info = log_pipeline(tiny_pipeline_dir, name=f"checkpoint-{step:06d}")
+                mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
+        return run.info.run_id
+
+    return make
+
+
+def evaluation(auc: float, **extra) -> str:
+    """A finished classify-like run with the metrics classify logs."""
+    with mlflow.start_run(run_name="classify") as run:
+        mlflow.log_metrics({"auc_macro": auc, "auc_cardiomegaly": auc, "auc_cardiomegaly_ci_low": auc - 0.1,
+                            "auc_cardiomegaly_ci_high": auc + 0.05, "acc_macro": 0.7, "n_ignored": 3, **extra})
+    return run.info.run_id
+
+
+def versions(name=NAME):
+    return sorted(MlflowClient().search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def champion(name=NAME):
+    return str(MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def test_model_name():
+    assert model_name("phantom") == "cxr-sd-phantom"
+    assert model_name("chexpert:/data/CheXpert-v1.0-small/") == "cxr-sd-chexpert-chexpert-v1-0-small"
+    assert model_name("mimic:/x/mimic-cxr-jpg") == "cxr-sd-mimic-mimic-cxr-jpg"
+
+
+def test_register_tags_and_no_duplicate(checkpoint):
+    run = checkpoint(steps=(1, 2))
+    classified = evaluation(0.8)
+    v = register_checkpoint(run, 2, classified)
+    assert (v.name, str(v.version)) == (NAME, "1")
+    tags = MlflowClient().get_model_version(NAME, "1").tags
+    logged = MlflowClient().get_run(classified).data.metrics
+    assert tags["arm"] == "dreambooth" and tags["step"] == "2" and tags["finetune_run_id"] == run
+    assert tags["classify_run_id"] == classified
+    assert float(tags["auc_macro"]) == logged["auc_macro"]
+    assert float(tags["auc_cardiomegaly_ci_low"]) == logged["auc_cardiomegaly_ci_low"]
+    assert "n_ignored" not in tags  # only evaluation figures travel
+    assert tags["source_model"] == MlflowClient().get_run(run).data.tags["harness.checkpoint.000002"]
+
+    again = register_checkpoint(run, 2, classified)  # the same checkpoint: the same version
+    assert str(again.version) == "1" and len(versions()) == 1
+    other = register_checkpoint(run, 1, evaluation(0.7))
+    assert str(other.version) == "2" and len(versions()) == 2
+
+
+def test_register_refuses_bad_input_and_writes_nothing(checkpoint):
+    run = checkpoint(steps=(1,))
+    with pytest.raises(ValueError, match="no checkpoint at step 5; it has \\[1\\]"):
+        register_checkpoint(run, 5, evaluation(0.8))
+    with mlflow.start_run() as not_classify:
+        mlflow.log_metric("loss", 1.0)
+    with pytest.raises(ValueError, match="no auc_macro"):
+        register_checkpoint(run, 1, not_classify.info.run_id)
+    with pytest.raises(ValueError, match="not found"):
+        register_checkpoint(run, 1, "0" * 32)
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_promote_best_margin_idempotent_history(checkpoint):
+    run = checkpoint(steps=(1, 2, 3))
+    for step, auc in ((1, 0.70), (2, 0.80), (3, 0.60)):
+        register_checkpoint(run, step, evaluation(auc))
+    first = promote(NAME)
+    assert first.moved and champion() == "2"
+    tags = MlflowClient().get_model_version(NAME, "2").tags
+    assert tags["promotion.previous_version"] == "" and float(tags["promotion.value"]) == pytest.approx(0.8)
+
+    again = promote(NAME)  # idempotent: nothing moves, no new history
+    assert not again.moved and champion() == "2" and len(history(NAME)) == 1
+
+    register_checkpoint(checkpoint(steps=(4,), arm="text_encoder"), 4, evaluation(0.81))  # version 4
+    kept = promote(NAME, margin=0.05)  # 0.81 does not beat 0.80 by 0.05
+    assert not kept.moved and champion() == "2" and "margin" in kept.reason
+    moved = promote(NAME, margin=0.005)
+    assert moved.moved and champion() == "4"
+    tags = MlflowClient().get_model_version(NAME, "4").tags
+    assert tags["promotion.previous_version"] == "2" and float(tags["promotion.previous_value"]) == pytest.approx(0.8)
+    assert [h["version"] for h in history(NAME)] == ["2", "4"]
+
+    worse = promote(NAME, version=1)  # an explicit candidate is held to the same rule
+    assert not worse.moved and champion() == "4"
+
+
+def test_promote_refuses_unevaluated_version(checkpoint):
+    run = checkpoint(steps=(1,))
+    register_checkpoint(run, 1, evaluation(0.7))
+    source = MlflowClient().get_run(run).data.tags["harness.checkpoint.000001"]
+    bare = mlflow.register_model(source, NAME)  # registered by hand, without an evaluation
+    with pytest.raises(ValueError, match=f"version {bare.version} has no evaluation metric 'auc_macro'"):
+        promote(NAME, version=bare.version)
+    with pytest.raises(ValueError, match="no registered model"):
+        promote("no-such-model")
+    with pytest.raises(MlflowException, match="champion"):
+        champion()  # nothing was promoted by the refusals
+
+
+def test_racing_promotions_leave_the_better_champion(checkpoint, monkeypatch):
+    """Both promotions decide against the same old champion; the worse one writes last."""
+    run = checkpoint(steps=(1, 2, 3))
+    for step, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        register_checkpoint(run, step, evaluation(auc))
+    promote(NAME, version=1)
+    decided = threading.Barrier(2)
+    better_written = threading.Event()
+
+    def pause():
+        decided.wait(timeout=30)  # both have read champion = version 1
+        if threading.current_thread().name == "worse":
+            better_written.wait(timeout=30)
+
+    monkeypatch.setattr(promote_module, "_pause", pause)
+    results = {}
+
+    def race(version, name):
+        try:
+            results[name] = promote(NAME, version=version, client=MlflowClient())
+        except Exception as e:  # surfaced below, not lost in the thread
+            results[name] = e
+        if name == "better":
+            better_written.set()
+
+    threads = [threading.Thread(target=race, args=(3, "better"), name="better"),
+               threading.Thread(target=race, args=(2, "worse"), name="worse")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert champion() == "3", results
+    assert results["better"].moved and not results["worse"].moved and results["worse"].champion == "3"
+    assert MlflowClient().get_model_version(NAME, "2").tags["promotion.superseded_by"] == "3"
+
+
+def test_racing_promotion_processes(checkpoint, mlflow_store):
+    """Two real processes promoting different versions at once: exactly one champion, the better."""
+    run = checkpoint(steps=(1, 2, 3))
+    for step, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        register_checkpoint(run, step, evaluation(auc))
+    for _ in range(2):
+        MlflowClient().set_registered_model_alias(NAME, "champion", "1")
+        MlflowClient().set_model_version_tag(NAME, "1", "promotion.time", "1")
+        procs = [subprocess.Popen([sys.executable, "-m", "registry.promote", "--name", NAME, "--version", v],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in ("2", "3")]
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert champion() == "3", outs
+
+
+def test_champion_generates_images(checkpoint):
+    run = checkpoint(steps=(1,))
+    register_checkpoint(run, 1, evaluation(0.75))
+    promote(NAME)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    images = model.predict(pd.DataFrame({"prompt": ["a frontal chest x-ray showing edema"] * 2,
+                                         "seed": [0, 1], "num_inference_steps": [2, 2]}))
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert not np.array_equal(images[0], images[1])  # different seeds, different images
+    metadata = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    assert metadata.signature is not None and metadata.saved_input_example_info is not None
