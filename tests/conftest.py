@@ -4,6 +4,7 @@ network: the Hub is switched off for the whole session."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -71,3 +72,61 @@ def tiny_phantom(tmp_path_factory):
     from harness.data.phantom import write_phantom
 
     return write_phantom(tmp_path_factory.mktemp("phantom"), n_patients=TINY_PATIENTS, seed=0, size=64)
+
+
+@contextlib.contextmanager
+def serve_mlflow(backend_store_uri: str, artifacts: str, timeout: float = 120.0):
+    """A real ``mlflow server`` on a free loopback port (artifacts proxied to ``artifacts``); yields
+    its URI. The same setup a team shares, with any backend store (SQLite, PostgreSQL)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(artifacts, "..", f"mlflow-server-{port}.log"), "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+                             "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                raise RuntimeError(f"mlflow server did not start: {open(log.name).read()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch, empty_store):
+    """Tracking through a real ``mlflow server`` over the project's SQLite store."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    (tmp_path / "artifacts").mkdir()
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / ".cache"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    with serve_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        yield uri
+        while mlflow.active_run():
+            mlflow.end_run()

@@ -1,4 +1,5 @@
-"""The pipeline entry point on a tiny budget: every step runs, the table comes out, a re-run reuses."""
+"""The pipeline entry point on a tiny budget: every step runs, the table comes out, each judged
+checkpoint is registered, a re-run reuses, and the report shows what MLflow holds."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from harness import pipeline
+import pandas as pd
+
+from harness import pipeline, report
+from harness.classify import snake
 from harness.pathologies import FINDINGS
+from registry.register import model_name
 
 
 def _runs():
@@ -38,3 +43,39 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     again = pipeline.main(argv)  # identical parameters, code and data: nothing is recomputed
     assert len(_runs()) == len(runs) + 1
     assert again.equals(table)
+
+    # Registry: one version per judged checkpoint, tagged with its runs and figures.
+    client = MlflowClient()
+    name = model_name(f"chexpert:{tiny_phantom}")
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted((v.tags["arm"], v.tags["step"]) for v in versions) == [
+        ("dreambooth", "1"), ("dreambooth", "2"), ("text_encoder", "1"), ("text_encoder", "2")]
+    for v in versions:
+        judged = client.get_run(v.tags["classify_run_id"]).data.metrics
+        assert v.tags["auc_macro"] == repr(judged["auc_macro"])
+        assert client.get_run(v.tags["checks_run_id"]).data.metrics["view_frontal_fraction"] == \
+            float(v.tags["view_frontal_fraction"])
+
+    # Report: the table holds the logged values; every plot is a non-empty PNG; it is logged too.
+    result = report.main(["--output_dir", "reports"])
+    auc = pd.read_csv(f"reports/{name}_auc.csv", index_col=0)
+    assert list(auc.index) == list(table.index)
+    for v in versions:
+        judged = client.get_run(v.tags["classify_run_id"]).data.metrics
+        row = f"{v.tags['arm']} @ {v.tags['step']}"
+        for label in FINDINGS:
+            assert _same(auc.at[row, label], judged[f"auc_{snake(label)}"])
+        assert _same(auc.at[row, "macro AUC"], judged["auc_macro"])
+    assert _same(auc.at["real images", "macro AUC"], baseline.data.metrics["auc_macro"])
+    pngs = [p for p in result["files"] if str(p).endswith(".png")]
+    assert len(pngs) == 3 + 4 and all(p.stat().st_size > 1000 for p in pngs)  # 3 plots + 4 sample grids
+    html = result["html"].read_text()
+    assert html.count("data:image/png;base64,") == 7 and "champion" in html
+    logged = [r for r in _runs() if r.data.tags.get("harness.entry_point") == "report"]
+    assert len(logged) == 1 and logged[0].info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(logged[0].info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", f"report/{name}_auc.csv"} <= artifacts
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9)

@@ -25,19 +25,19 @@ from registry.register import model_name, register_checkpoint
 NAME = "cxr-sd-phantom"
 
 
+def log_checkpoints(pipeline_dir, steps=(1,), arm="dreambooth") -> str:
+    """A finished fine-tuning run with a logged checkpoint at each of the given steps."""
+    with mlflow.start_run(run_name=arm) as run:
+        mlflow.log_params({"data": "phantom", "arm": arm})
+        for step in steps:
+            info = log_pipeline(pipeline_dir, name=f"checkpoint-{step:06d}")
+            mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
+    return run.info.run_id
+
+
 @pytest.fixture
 def checkpoint(mlflow_store, tiny_pipeline_dir):
-    """A finished fine-tuning run with a logged checkpoint at each of the given steps."""
-
-    def make(steps=(1,), arm="dreambooth"):
-        with mlflow.start_run(run_name=arm) as run:
-            mlflow.log_params({"data": "phantom", "arm": arm})
-            for step in steps:
-                info = log_pipeline(tiny_pipeline_dir, name=f"checkpoint-{step:06d}")
-                mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
-        return run.info.run_id
-
-    return make
+    return lambda steps=(1,), arm="dreambooth": log_checkpoints(tiny_pipeline_dir, steps, arm)
 
 
 def evaluation(auc: float, **extra) -> str:
@@ -174,14 +174,12 @@ def test_racing_promotion_processes(checkpoint, mlflow_store):
     run = checkpoint(steps=(1, 2, 3))
     for step, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
         register_checkpoint(run, step, evaluation(auc))
-    for _ in range(2):
-        MlflowClient().set_registered_model_alias(NAME, "champion", "1")
-        MlflowClient().set_model_version_tag(NAME, "1", "promotion.time", "1")
-        procs = [subprocess.Popen([sys.executable, "-m", "registry.promote", "--name", NAME, "--version", v],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in ("2", "3")]
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], outs
-        assert champion() == "3", outs
+    promote(NAME, version=1)
+    procs = [subprocess.Popen([sys.executable, "-m", "registry.promote", "--name", NAME, "--version", v],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in ("2", "3")]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert champion() == "3", outs
 
 
 def test_champion_generates_images(checkpoint):
@@ -195,3 +193,25 @@ def test_champion_generates_images(checkpoint):
     assert not np.array_equal(images[0], images[1])  # different seeds, different images
     metadata = mlflow.models.get_model_info(f"models:/{NAME}@champion")
     assert metadata.signature is not None and metadata.saved_input_example_info is not None
+
+
+def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipeline_dir):
+    """The shared-server setup: artifacts proxied by ``mlflow server``; register, promote, load the
+    champion and build the report, all over HTTP."""
+    from harness import report
+
+    assert mlflow.get_tracking_uri().startswith("http://127.0.0.1:")
+    run = log_checkpoints(tiny_pipeline_dir, steps=(1, 2))
+    first = register_checkpoint(run, 1, evaluation(0.7))
+    second = register_checkpoint(run, 2, evaluation(0.9))
+    assert register_checkpoint(run, 2, evaluation(0.9)).version == second.version  # no duplicate over REST either
+    assert promote(NAME).champion == str(second.version) != str(first.version)
+    images = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
+        pd.DataFrame({"prompt": ["a frontal chest x-ray with no finding"], "num_inference_steps": [2]}))
+    assert images.shape == (1, 32, 32, 3)
+
+    result = report.main(["--output_dir", "reports"])
+    table = pd.read_csv(f"reports/{NAME}_auc.csv", index_col=0)
+    assert table.loc["dreambooth @ 2", "macro AUC"] == pytest.approx(0.9)
+    assert table.loc["dreambooth @ 1", "Cardiomegaly_ci_low"] == pytest.approx(0.6)
+    assert "version " + str(second.version) in result["markdown"].read_text()

@@ -1,0 +1,380 @@
+"""The study's report, built from the MLflow registry and runs alone.
+
+    python -m harness.report                      # every cxr-sd-* registered model -> reports/
+    mlflow run . -e report --env-manager local
+    MLFLOW_TRACKING_URI=http://server:5000 python -m harness.report   # from a laptop
+
+It recomputes nothing and loads no weights: the figures are the tags of the registered versions
+(``registry.register``), the metrics of the runs behind them and their logged images. It writes to
+``reports/`` (Markdown, HTML with the plots embedded, CSV) and logs the same files as the artifacts
+of a ``report`` run:
+
+- the write-up's table: real images and each arm x checkpoint; per-disease AUC [95% CI], macro
+  AUC and accuracy, the best value per column in bold;
+- the checks the write-up did by eye (view fraction, memorization, Frechet distance) with the
+  training time and throughput;
+- the champion and its promotion history;
+- plots: per-disease AUC bars with CIs, macro AUC against steps per arm, loss curves, sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from harness import tracking  # noqa: E402
+from harness.classify import snake  # noqa: E402
+from harness.cli import bool_arg  # noqa: E402
+from harness.pathologies import FINDINGS  # noqa: E402
+from registry.promote import ALIAS, history  # noqa: E402
+from registry.register import CHECKS_METRICS, MODEL_PREFIX, value  # noqa: E402
+
+REAL = "real images"
+ARM_ORDER = ("dreambooth", "text_encoder", "unet_text_encoder")
+# Columns of the second table, with whether lower is better (for the bold marks).
+CHECK_COLUMNS = {"frontal fraction": ("view_frontal_fraction", False),
+                 "memorized fraction": ("memorization_fraction", True),
+                 "Frechet distance": ("frechet_distance", True)}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", default="", help=f"registered model(s), comma-separated (default: every {MODEL_PREFIX}-*)")
+    p.add_argument("--output_dir", default="reports")
+    p.add_argument("--log", type=bool_arg, default=True, help="also log the report as the artifacts of a 'report' run")
+    p.add_argument("--experiment", default=None)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------ collect
+def model_names(client: MlflowClient, names: str) -> list[str]:
+    if names:
+        return [n.strip() for n in names.split(",") if n.strip()]
+    found = [m.name for m in client.search_registered_models()
+             if m.tags.get("harness.kind") == "synthetic-data-generator"]
+    if not found:
+        raise ValueError("the registry holds no evaluated checkpoints (no model tagged by registry.register); "
+                         "run the pipeline first, e.g. `mlflow run . -e pipeline --env-manager local`")
+    return sorted(found)
+
+
+def collect(client: MlflowClient, name: str) -> dict:
+    """One registered model's versions (newest per arm x step) and the real baseline behind them."""
+    latest: dict[tuple[str, int], object] = {}
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if value(v, "auc_macro") is None and "classify_run_id" not in v.tags:
+            continue  # registered by hand, never evaluated
+        key = (v.tags.get("arm", "?"), int(v.tags.get("step", -1)))
+        if key not in latest or int(v.version) > int(latest[key].version):
+            latest[key] = v
+    order = {arm: i for i, arm in enumerate(ARM_ORDER)}
+    versions = [latest[k] for k in sorted(latest, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))]
+    baselines = {}
+    for v in versions:
+        run = _run(client, v.tags.get("classify_run_id"))
+        if run is not None and run.data.params.get("baseline_run"):
+            baselines.setdefault(run.data.params["baseline_run"], 0)
+            baselines[run.data.params["baseline_run"]] += 1
+    baseline = _run(client, max(baselines, key=baselines.get)) if baselines else None
+    try:
+        champion = str(client.get_model_version_by_alias(name, ALIAS).version)
+    except MlflowException:
+        champion = None
+    return {"name": name, "versions": versions, "baseline": baseline, "champion": champion,
+            "history": history(name, client=client)}
+
+
+def _run(client: MlflowClient, run_id: str | None):
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _label(v) -> str:
+    return f"{v.tags.get('arm', '?')} @ {v.tags.get('step', '?')}"
+
+
+def auc_table(study: dict) -> pd.DataFrame:
+    """Numbers of the write-up's table: per-disease AUC with CI bounds, macro AUC, accuracy."""
+    rows = {}
+    if study["baseline"] is not None:
+        rows[REAL] = _figures(lambda k: study["baseline"].data.metrics.get(k))
+    for v in study["versions"]:
+        rows[_label(v)] = _figures(lambda k, v=v: value(v, k))
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "training data"
+    return table
+
+
+def _figures(get) -> dict:
+    out = {}
+    for label in FINDINGS:
+        for suffix in ("", "_ci_low", "_ci_high"):
+            out[f"{label}{suffix}"] = _num(get(f"auc_{snake(label)}{suffix}"))
+    out["macro AUC"] = _num(get("auc_macro"))
+    out["accuracy"] = _num(get("acc_macro"))
+    return out
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
+    rows = {}
+    for v in study["versions"]:
+        row = {column: _num(value(v, metric)) for column, (metric, _) in CHECK_COLUMNS.items()}
+        run = _run(client, v.tags.get("finetune_run_id"))
+        if run is not None and run.info.end_time:
+            row["training time (s)"] = (run.info.end_time - run.info.start_time) / 1000
+            row["throughput (img/s)"] = _num(run.data.metrics.get("throughput_images_per_s"))
+        rows[_label(v)] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "training data"
+    return table
+
+
+def history_table(study: dict) -> pd.DataFrame:
+    table = pd.DataFrame(study["history"])
+    if not table.empty:
+        table["champion now"] = table["version"] == study["champion"]
+    return table
+
+
+# ------------------------------------------------------------------------------------ format
+def _bold_best(values: pd.Series, lower_is_better: bool = False) -> pd.Series:
+    """True where a value is the column's best (ties all marked; nan never)."""
+    finite = values.dropna()
+    if finite.empty:
+        return pd.Series(False, index=values.index)
+    best = finite.min() if lower_is_better else finite.max()
+    return values == best
+
+
+def display_auc(table: pd.DataFrame, bold) -> pd.DataFrame:
+    """'0.812 [0.751, 0.866]' cells; ``bold(text)`` marks the best per column."""
+    out = pd.DataFrame(index=table.index)
+    for column in FINDINGS + ["macro AUC", "accuracy"]:
+        best = _bold_best(table[column])
+        cells = []
+        for row in table.index:
+            text = _fmt(table.at[row, column])
+            if column in FINDINGS and not math.isnan(table.at[row, f"{column}_ci_low"]):
+                text += f" [{_fmt(table.at[row, f'{column}_ci_low'])}, {_fmt(table.at[row, f'{column}_ci_high'])}]"
+            cells.append(bold(text) if best[row] else text)
+        out[column] = cells
+    return out
+
+
+def display_checks(table: pd.DataFrame, bold) -> pd.DataFrame:
+    out = pd.DataFrame(index=table.index)
+    lower = {column: low for column, (_, low) in CHECK_COLUMNS.items()}
+    for column in table.columns:
+        best = _bold_best(table[column], lower.get(column, False)) if column in lower else \
+            pd.Series(False, index=table.index)
+        spec = ".1f" if column.startswith(("training", "throughput")) else ".3g" if "distance" in column else ".3f"
+        out[column] = [bold(_fmt(x, spec)) if best[r] else _fmt(x, spec) for r, x in table[column].items()]
+    return out
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+# ------------------------------------------------------------------------------------- plots
+def plot_auc_bars(table: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    columns = FINDINGS + ["macro AUC"]
+    width = 0.8 / max(len(table), 1)
+    for i, (row, r) in enumerate(table.iterrows()):
+        xs = [j + (i - (len(table) - 1) / 2) * width for j in range(len(columns))]
+        ys = [r[c] for c in columns]
+        low = [r[c] - r[f"{c}_ci_low"] if c in FINDINGS else 0 for c in columns]
+        high = [r[f"{c}_ci_high"] - r[c] if c in FINDINGS else 0 for c in columns]
+        ax.bar(xs, ys, width, label=row, yerr=[_nan0(low), _nan0(high)], capsize=2)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(columns)), columns, rotation=15)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("AUC on the real test split")
+    ax.set_title("Per-disease AUC of classifiers trained on each data source (95% bootstrap CI)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return _save(fig, path)
+
+
+def _nan0(xs):
+    return [0 if (x is None or math.isnan(x)) else max(x, 0) for x in xs]
+
+
+def plot_auc_vs_steps(table: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    arms = {}
+    for row in table.index:
+        if row != REAL:
+            arm, step = row.split(" @ ")
+            arms.setdefault(arm, []).append((int(step), table.at[row, "macro AUC"]))
+    for arm, points in arms.items():
+        points.sort()
+        ax.plot([s for s, _ in points], [a for _, a in points], marker="o", label=arm)
+    if REAL in table.index:
+        ax.axhline(table.at[REAL, "macro AUC"], color="black", ls="--", label=REAL)
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("macro AUC (synthetic-trained, real test)")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_losses(client: MlflowClient, study: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seen = set()
+    for v in study["versions"]:
+        run_id = v.tags.get("finetune_run_id")
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+        if points:
+            ys = pd.Series([y for _, y in points]).rolling(max(1, len(points) // 20), min_periods=1).mean()
+            ax.plot([s for s, _ in points], ys, label=f"{v.tags.get('arm')} ({run_id[:8]})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (smoothed)")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no loss history logged", ha="center", transform=ax.transAxes)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sample_grids(client: MlflowClient, study: dict, folder: Path) -> dict[str, Path]:
+    """The disease-prompt grid each fine-tuning run logged at each registered checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for v in study["versions"]:
+        run_id, step = v.tags.get("finetune_run_id"), int(v.tags.get("step", -1))
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"grids/step_{step:06d}.png",
+                                                            dst_path=tmp)
+            except (MlflowException, OSError):
+                continue  # a run without grids (e.g. logged by hand)
+            target = folder / f"{v.tags.get('arm')}_step_{step:06d}.png"
+            shutil.copy(local, target)
+            out[_label(v)] = target
+    return out
+
+
+# ------------------------------------------------------------------------------------- write
+def build(client: MlflowClient, names: list[str], out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    md, body, written = ["# Synthetic chest X-rays as training data", ""], [], []
+    for name in names:
+        study = collect(client, name)
+        if not study["versions"]:
+            raise ValueError(f"registered model {name!r} has no evaluated versions")
+        slug = name
+        auc, checks, hist = auc_table(study), checks_table(client, study), history_table(study)
+        for frame, stem in ((auc, "auc"), (checks, "checks"), (hist, "champion_history")):
+            path = out / f"{slug}_{stem}.csv"
+            frame.to_csv(path, index=stem != "champion_history")
+            written.append(path)
+        plots = {"Per-disease AUC": plot_auc_bars(auc, out / f"{slug}_auc_bars.png"),
+                 "Macro AUC against training steps": plot_auc_vs_steps(auc, out / f"{slug}_auc_vs_steps.png"),
+                 "Loss curves": plot_losses(client, study, out / f"{slug}_loss.png")}
+        grids = sample_grids(client, study, out / f"{slug}_grids")
+        written += list(plots.values()) + list(grids.values())
+
+        champion = study["champion"]
+        champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
+                      f"({next((_label(v) for v in study['versions'] if str(v.version) == champion), '?')})"
+                      if champion else "no champion yet (run `python -m registry.promote --name " + name + "`)")
+        baseline = study["baseline"]
+        md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),
+               f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
+               "No real baseline is linked to these classify runs (`--baseline_run`).", "",
+               "### AUC on the real test split (95% bootstrap CI; best per column in bold)", "",
+               display_auc(auc, lambda t: f"**{t}**").to_markdown(), "",
+               "### Checks, training time and throughput", "",
+               display_checks(checks, lambda t: f"**{t}**").to_markdown(), "",
+               "### Champion history", "",
+               hist.to_markdown(index=False) if not hist.empty else "no promotion yet", ""]
+        md += [f"### {title}\n\n![{title}]({p.name})\n" for title, p in plots.items()]
+        md += [f"### Samples: {label}\n\n![{label}]({p.parent.name}/{p.name})\n" for label, p in grids.items()]
+
+        bold = lambda t: f"<b>{t}</b>"  # noqa: E731
+        body += [f"<h2>{html.escape(name)}</h2>", f"<p>Champion: {html.escape(champ_text)}</p>",
+                 "<h3>AUC on the real test split (95% bootstrap CI; best per column in bold)</h3>",
+                 display_auc(auc, bold).to_html(escape=False, index_names=False),
+                 "<h3>Checks, training time and throughput</h3>",
+                 display_checks(checks, bold).to_html(escape=False, index_names=False),
+                 "<h3>Champion history</h3>",
+                 hist.to_html(index=False) if not hist.empty else "<p>no promotion yet</p>"]
+        body += [f"<h3>{html.escape(t)}</h3>{_img(p)}" for t, p in plots.items()]
+        body += [f"<h3>Samples: {html.escape(label)}</h3>{_img(p)}" for label, p in grids.items()]
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text(HTML.format(body="\n".join(body)))
+    return {"markdown": out / "report.md", "html": out / "report.html", "files": written}
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Synthetic chest X-rays as training data</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f2f2f2; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+</style></head><body>
+<h1>Synthetic chest X-rays as training data</h1>
+{body}
+</body></html>
+"""
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    tracking.setup(args.experiment)
+    client = MlflowClient()
+    names = model_names(client, args.name)
+    out = Path(args.output_dir)
+    if not args.log:
+        return build(client, names, out)
+    with tracking.tracked_run("report", args.experiment, tags={"harness.entry_point": "report"}):
+        result = build(client, names, out)
+        mlflow.log_param("models", ",".join(names))
+        for path in [result["markdown"], result["html"], *result["files"]]:
+            mlflow.log_artifact(str(path), "report" if path.parent == out else f"report/{path.parent.name}")
+    print(f"[report] {result['markdown']} and {result['html']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
