@@ -13,7 +13,9 @@ trained on the real train split (the baseline; ``--baseline_run`` gives the pair
 Data discipline: model selection (best epoch by validation macro AUC) uses ``--valid``'s ``valid``
 split (default: the training data's), never the test split. The test table is read up front only
 to check it (labels, no image shared with training, the baseline's image set); its images go
-through the model once, after model selection.
+through the model once, after model selection. ``--test_split valid`` scores the real data's valid
+split instead: hyperparameter tuning (``harness.tune``) scores every trial that way and keeps the
+test split for the one configuration it picks.
 
 ``--mix REAL --mix_ratio r``: the training set keeps the size of ``--train``'s train split, a
 fraction ``r`` of it drawn from REAL's train split and the rest from ``--train`` (seeded, without
@@ -72,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mix_ratio", type=float, default=0.5, help="fraction of the training set drawn from --mix")
     p.add_argument("--valid", default="", help="data set whose valid split selects the model (default: --train)")
     p.add_argument("--test", default="phantom", help="real data set whose test split is scored once")
+    p.add_argument("--test_split", default="test", choices=["test", "valid"],
+                   help="split of --test that is scored: 'valid' for tuning (harness.tune), so that the "
+                        "test split stays unseen until the chosen configuration is scored once")
     p.add_argument("--labels", default="", help="comma-separated labels (default: the data sets' own)")
     p.add_argument("--model", default="small_cnn", choices=CLASSIFIERS)
     p.add_argument("--resolution", type=int_arg, default=64)
@@ -147,7 +152,7 @@ def load_tables(args) -> tuple[dict[str, pd.DataFrame], list[str]]:
     if args.mix:
         train = _mix(train, other(args.mix, "train", "mix"), args.mix_ratio, args.seed)
     tables = {"train": train, "valid": other(args.valid or args.train, "valid", "validation"),
-              "test": other(args.test, "test", "test")}
+              "test": other(args.test, args.test_split, "test")}
     for name in ("train", "valid"):
         shared = set(tables[name]["path"]) & set(tables["test"]["path"])
         if shared:
@@ -247,7 +252,7 @@ def _classify(args, run_id: str) -> dict[str, float]:
     metrics.update({"train_seconds": train_s, "best_epoch": best["epoch"]})
     mlflow.log_metrics(metrics)
     _log_predictions(tables["test"], targets, scores, labels)
-    mlflow.log_figure(roc_figure(targets, scores, labels), "roc.png")
+    mlflow.log_figure(roc_figure(targets, scores, labels, split=args.test_split), "roc.png")
     return metrics
 
 
@@ -286,7 +291,7 @@ def _compare(targets, scores, baseline, labels, args) -> dict[str, float]:
     return out
 
 
-def roc_figure(targets, scores, labels) -> Figure:
+def roc_figure(targets, scores, labels, split: str = "test") -> Figure:
     """One ROC curve per label with a defined AUC (sklearn's roc_curve on the known rows)."""
     fig = Figure(figsize=(5, 5))
     ax = fig.add_subplot()
@@ -302,7 +307,7 @@ def roc_figure(targets, scores, labels) -> Figure:
         ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f}, n={known.sum()})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title="ROC on the test split")
+           title=f"ROC on the {split} split")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
