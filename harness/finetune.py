@@ -94,15 +94,20 @@ def run_key(args: argparse.Namespace) -> str:
     return tracking.params_key({k: v for k, v in vars(args).items() if k not in NOT_IN_KEY})
 
 
-def main(argv=None, arm: str | None = None) -> str:
-    """Run one fine-tuning job; returns the MLflow run id."""
+def main(argv=None, arm: str | None = None, on_checkpoint=None) -> str:
+    """Run one fine-tuning job; returns the MLflow run id.
+
+    ``on_checkpoint(step, run_id) -> bool``, called after each checkpoint is logged, may end
+    training early by returning True: the run then FINISHES at that step, tagged
+    ``harness.stopped_early``. Hyperparameter tuning (``harness.tune``) judges checkpoints and
+    prunes through it."""
     args = parse_args(argv, arm)
     key = run_key(args)
     out = Path(args.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{args.arm}-{key}")
     with tracking.tracked_run(f"{args.arm}", args.experiment, tags={"harness.arm": args.arm,
                                                                     "harness.run_key": key}) as run:
         tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
-        train(args, key, out, run.info.run_id)
+        train(args, key, out, run.info.run_id, on_checkpoint)
         return run.info.run_id
 
 
@@ -165,7 +170,7 @@ def _loop(loader, first_epoch):
         yield from loader
 
 
-def train(args, key: str, out: Path, run_id: str) -> None:
+def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     from diffusers.optimization import get_scheduler
     from diffusers.utils import make_image_grid
 
@@ -272,6 +277,9 @@ def train(args, key: str, out: Path, run_id: str) -> None:
             grids.append(first)
             for module in trained.values():
                 module.train()
+            if on_checkpoint is not None and on_checkpoint(step, run_id) and step < args.steps:
+                mlflow.set_tag("harness.stopped_early", str(step))
+                break
     progress.close()
     metrics.flush()
     if args.skip_bad:  # missing files (found up front) and unreadable ones (found while training)
