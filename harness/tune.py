@@ -1,0 +1,422 @@
+"""Tune an arm's learning rate and step count against the AUC its synthetic images are worth.
+
+An Optuna study: each trial fine-tunes the arm (``harness.finetune``) with a learning rate drawn
+on a log scale and a step count drawn from a range; at every ``--eval_every`` checkpoint it
+generates a synthetic data set (``harness.generate``) and trains a classifier on it
+(``harness.classify``), scored on the real data's VALID split. That macro AUC is the trial's
+intermediate value (a ``MedianPruner`` stops hopeless trials early) and, at the last step, its
+objective. The test split is never used while tuning: once the study is done, the best trial's
+synthetic data alone is scored on it, and its checkpoint is registered.
+
+    python -m harness.tune --arm dreambooth --n_trials 12                  # SQLite file, one worker
+    mlflow run . -e tune -P arm=text_encoder --env-manager local
+    # several workers, on one or more machines, share one study on PostgreSQL:
+    python -m harness.tune --arm dreambooth --n_trials 40 --study_name db-lr \\
+        --storage postgresql://user:pass@dbhost/optuna                     # start it N times
+
+MLflow: a study run per worker process; under it one run per trial (Optuna's params, value, state
+and user attributes via ``optuna_integration.MLflowCallback``), and under that the trial's
+fine-tune run with its generate and classify runs (their ids are tags of the trial run). The study
+run logs the best parameters and value, the optimization history, parameter importances,
+intermediate values, the trials table, trials per hour and the time pruning saved.
+
+Fault tolerance: the study lives in the storage (``load_if_exists``), so rerunning the command
+resumes it; a trial that raises is recorded FAILED (its MLflow runs end FAILED) and the study goes
+on; a worker that dies stops its trial's heartbeat, and after ``--grace_period`` seconds the next
+worker to start a trial marks it FAILED, ends its MLflow runs KILLED and queues it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from optuna_integration import MLflowCallback
+from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflowCallback looks for a trial's run
+
+from harness import classify, finetune, generate, tracking
+from harness.cli import bool_arg, int_arg
+
+OBJECTIVE = "valid_auc_macro"  # the trial's value, as Optuna's MLflow callback logs it
+CHECKPOINT_METRIC = "checkpoint_valid_auc_macro"  # per checkpoint, step = fine-tuning step
+TAG = "harness.tune."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arm", required=True, choices=sorted(finetune.ARMS))
+    p.add_argument("--data", default="phantom", help="real data: FORMAT:PATH or 'phantom' (train, valid and test)")
+    p.add_argument("--pretrained_model", default="base")
+    p.add_argument("--study_name", default="", help="default: <arm>-<data>; workers sharing a study use the same")
+    p.add_argument("--storage", default="sqlite:///optuna.db",
+                   help="an SQLAlchemy URL: a local SQLite file (default, no server) or postgresql://... "
+                        "for several workers")
+    p.add_argument("--n_trials", type=int_arg, default=10, help="trials in the whole study, across all workers")
+    p.add_argument("--timeout", type=float, default=0, help="this worker stops starting trials after N s (0 = never)")
+    # The search space. CPU-sized defaults for the embedded base: a trial of 100-300 steps takes
+    # minutes on 2 cores; on a GPU with SD 1.5 search e.g. 2000-20000 steps, eval_every 2000.
+    p.add_argument("--lr_min", type=float, default=1e-5)
+    p.add_argument("--lr_max", type=float, default=1e-3)
+    p.add_argument("--steps_min", type=int_arg, default=100)
+    p.add_argument("--steps_max", type=int_arg, default=300)
+    p.add_argument("--eval_every", type=int_arg, default=100,
+                   help="judge a checkpoint every N steps (the pruner's intermediate values); steps are multiples")
+    # Per trial, as in the pipeline's defaults (harness.pipeline).
+    p.add_argument("--batch_size", type=int_arg, default=8)
+    p.add_argument("--n_per_prompt", type=int_arg, default=24, help="synthetic images per prompt and checkpoint")
+    p.add_argument("--num_inference_steps", type=int_arg, default=10)
+    p.add_argument("--classifier", default="small_cnn")
+    p.add_argument("--epochs", type=int_arg, default=8)
+    p.add_argument("--seed", type=int_arg, default=0, help="fine-tuning, generation and classifier seed (every trial)")
+    p.add_argument("--sampler_seed", type=int_arg, default=-1,
+                   help="TPE sampler seed; -1 = a fresh one per worker (workers with one seed propose the same trials)")
+    p.add_argument("--pruner", default="median", choices=["median", "none"])
+    p.add_argument("--n_startup_trials", type=int_arg, default=2, help="trials finished before pruning starts")
+    p.add_argument("--heartbeat_interval", type=int_arg, default=60, help="seconds between a running trial's heartbeats")
+    p.add_argument("--grace_period", type=int_arg, default=0,
+                   help="seconds without heartbeat before a trial counts as dead (0 = 2 x heartbeat_interval)")
+    p.add_argument("--max_retry", type=int_arg, default=1, help="times a dead worker's trial is queued again")
+    p.add_argument("--register", type=bool_arg, default=True, help="register the best trial's checkpoint")
+    p.add_argument("--promote", type=bool_arg, default=False,
+                   help="then give it the 'champion' alias if it beats the current one (registry.promote)")
+    p.add_argument("--threads", type=int_arg, default=0, help="torch CPU threads for generate/classify (0 = default)")
+    p.add_argument("--experiment", default=None)
+    args = p.parse_args(argv)
+    if not 0 < args.lr_min <= args.lr_max:
+        p.error(f"need 0 < lr_min <= lr_max, got {args.lr_min} and {args.lr_max}")
+    if args.eval_every < 1 or args.steps_min < args.eval_every or args.steps_max < args.steps_min:
+        p.error(f"need 1 <= eval_every <= steps_min <= steps_max, got {args.eval_every}, {args.steps_min}, "
+                f"{args.steps_max}")
+    if args.steps_min % args.eval_every or args.steps_max % args.eval_every:
+        p.error(f"steps_min ({args.steps_min}) and steps_max ({args.steps_max}) must be multiples of "
+                f"eval_every ({args.eval_every}): every trial ends on a judged checkpoint")
+    if args.n_trials < 1 or args.heartbeat_interval < 1 or args.max_retry < 0:
+        p.error("n_trials and heartbeat_interval must be positive, max_retry not negative")
+    if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", args.storage):
+        p.error(f"--storage {args.storage!r}: expected an SQLAlchemy URL, sqlite:///FILE or postgresql://...")
+    args.study_name = args.study_name or f"{args.arm}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.data).strip('_')}"
+    return args
+
+
+# ----------------------------------------------------------------------------------- storage
+
+
+def open_study(args) -> optuna.Study:
+    """Create or load (``load_if_exists``) the study, with heartbeats so a dead worker's trial is
+    failed and queued again instead of staying RUNNING."""
+    storage = None
+    for attempt in range(5):  # workers started together race to create the schema: retry
+        try:
+            storage = optuna.storages.RDBStorage(
+                args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period or None,
+                heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=args.max_retry))
+            break
+        except Exception as err:  # sqlalchemy IntegrityError / ProgrammingError on concurrent CREATE
+            if attempt == 4:
+                raise
+            print(f"[tune] storage not ready ({type(err).__name__}), retrying")
+            time.sleep(1 + attempt)
+    sampler = optuna.samplers.TPESampler(seed=None if args.sampler_seed < 0 else args.sampler_seed,
+                                         constant_liar=True)  # workers in parallel spread their trials
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=args.n_startup_trials) if args.pruner == "median"
+              else optuna.pruners.NopPruner())
+    return optuna.create_study(study_name=args.study_name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+def trials_used(study: optuna.Study) -> int:
+    """Trials that count against ``--n_trials``: every trial started, except queued (WAITING) ones
+    and dead workers' trials that were queued again (their retry counts instead)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in _retry_history(t)}
+    return sum(t.state != TrialState.WAITING and t.number not in retried for t in trials)
+
+
+def _retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
+    """Numbers of the dead-worker trials this trial retries, the original first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retry_history(trial)
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail (and queue again) the trials of dead workers now; Optuna itself does it only when
+    the next trial starts, after the budget check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _frozen(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+class RetryDeadWorkerTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a heartbeat-stale trial, which also ends the MLflow runs its dead worker
+    left RUNNING (the trial's run and every run under it) as KILLED."""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
+        if run_id:
+            _kill_run_tree(MlflowClient(), run_id, f"worker of trial {trial.number} stopped its heartbeat")
+        super().__call__(study, trial)
+
+
+def _kill_run_tree(client: MlflowClient, run_id: str, reason: str) -> None:
+    run = client.get_run(run_id)
+    for child in client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'"):
+        _kill_run_tree(client, child.info.run_id, reason)
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, tracking.TAG_ERROR, reason)
+        client.set_terminated(run_id, status="KILLED")
+
+
+class TrialRunCallback(MLflowCallback):
+    """``optuna_integration``'s MLflowCallback (the trial's params, value, state and user
+    attributes), written into the trial's own run: the objective opens that run and records its
+    id where the callback looks (as the callback's ``track_in_mlflow`` does). The callback reopens
+    the run under the trial's number and ends it FINISHED; the run's own name and end status
+    (FAILED for a crashed trial) are put back."""
+
+    def __init__(self):
+        with warnings.catch_warnings():  # deprecated in optuna-integration 4.9, removed in 6.0 (pinned: 5.0)
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(metric_name=OBJECTIVE, create_experiment=False, mlflow_kwargs={"nested": True})
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        client = MlflowClient()
+        run_id = trial.system_attrs.get(RUN_ID_ATTRIBUTE_KEY)
+        before = client.get_run(run_id).info if run_id else None
+        super().__call__(study, trial)
+        if before is not None:
+            client.update_run(run_id, status=before.status, name=before.run_name)
+
+
+# --------------------------------------------------------------------------------- one trial
+
+
+def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, str]:
+    """Generate from the checkpoint at ``step`` and train a classifier on it; returns its macro
+    AUC on the real VALID split, and the generate and classify run ids."""
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    gen = generate.main(["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
+                         "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
+                         *threads])
+    synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
+    judged = classify.main(["--train", synthetic, "--test", args.data, "--test_split", "valid",
+                            "--model", args.classifier, "--epochs", str(args.epochs), "--seed", str(args.seed),
+                            *threads])
+    auc = MlflowClient().get_run(judged).data.metrics.get("auc_macro", math.nan)
+    if not math.isfinite(auc):
+        raise ValueError(f"macro AUC on the valid split of {args.data} is {auc} (classify run {judged}): "
+                         "no label has both classes there; use a larger valid split")
+    return auc, gen, judged
+
+
+def make_objective(args, study_run_id: str):
+    def objective(trial: optuna.Trial) -> float:
+        learning_rate = trial.suggest_float("learning_rate", args.lr_min, args.lr_max, log=True)
+        steps = trial.suggest_int("steps", args.steps_min, args.steps_max, step=args.eval_every)
+        start = time.perf_counter()
+        pruned_at = None
+        with tracking.tracked_run(f"trial-{trial.number}", nested=True,
+                                  tags={TAG + "study": args.study_name, TAG + "trial": str(trial.number),
+                                        TAG + "study_run": study_run_id}) as run:
+            run_id = run.info.run_id
+            # Where optuna_integration's MLflowCallback finds the trial's run (its track_in_mlflow does the same).
+            trial.storage.set_trial_system_attr(trial._trial_id, RUN_ID_ATTRIBUTE_KEY, run_id)
+            mlflow.log_params(trial.params)  # the same values the callback logs at the end
+            retried = _retry_history(_frozen(trial))
+            if retried:
+                mlflow.set_tag(TAG + "retry_of_trial", str(retried[0]))
+            values = {}
+
+            def on_checkpoint(step: int, finetune_run: str) -> bool:
+                nonlocal pruned_at
+                auc, gen, judged = score_checkpoint(args, finetune_run, step)
+                values[step] = auc
+                client = MlflowClient()  # the active run is the fine-tune's: address the trial's by id
+                client.log_metric(run_id, CHECKPOINT_METRIC, auc, step=step)
+                client.set_tag(run_id, f"{TAG}generate_run.{step:06d}", gen)
+                client.set_tag(run_id, f"{TAG}classify_run.{step:06d}", judged)
+                trial.set_user_attr("generate_runs", {**trial.user_attrs.get("generate_runs", {}), str(step): gen})
+                trial.report(auc, step)
+                if step < steps and trial.should_prune():
+                    pruned_at = step
+                    return True  # finetune stops here; its run FINISHES at this step
+                return False
+
+            finetune_run = finetune.main(
+                ["--arm", args.arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
+                 "--steps", str(steps), "--learning_rate", repr(learning_rate), "--batch_size", str(args.batch_size),
+                 "--seed", str(args.seed), "--checkpoint_every", str(args.eval_every),
+                 # one row of sample images per checkpoint, drawn like the judged ones
+                 "--grid_seeds", "1", "--grid_steps", str(args.num_inference_steps)],
+                on_checkpoint=on_checkpoint)
+            mlflow.set_tag(TAG + "finetune_run", finetune_run)
+            trial.set_user_attr("finetune_run", finetune_run)
+            seconds = time.perf_counter() - start
+            trial.set_user_attr("seconds", seconds)
+            if pruned_at is not None:
+                # Fine-tuning steps and checkpoint judging both scale with the step count.
+                saved = seconds * (steps / pruned_at - 1)
+                trial.set_user_attr("pruned_at_step", pruned_at)
+                trial.set_user_attr("saved_steps", steps - pruned_at)
+                trial.set_user_attr("saved_seconds", saved)
+                mlflow.log_metrics({"pruning_saved_seconds": saved, "pruning_saved_steps": steps - pruned_at})
+        if pruned_at is not None:
+            raise optuna.TrialPruned(f"macro AUC {values[pruned_at]:.3f} at step {pruned_at} is below the median")
+        return values[steps]
+
+    return objective
+
+
+# ----------------------------------------------------------------------------------- the study
+
+
+def main(argv=None) -> str:
+    """Run this worker's share of the study (until ``--n_trials`` trials exist in it); returns the
+    MLflow run id of this worker's study run."""
+    args = parse_args(argv)
+    with tracking.tracked_run(f"tune-{args.study_name}", args.experiment,
+                              tags={"harness.entry_point": "tune", TAG + "study": args.study_name,
+                                    TAG + "storage": _redact(args.storage)}) as run:
+        tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "storage"}})
+        study = open_study(args)
+        start, ran = time.perf_counter(), 0
+        objective, callbacks = make_objective(args, run.info.run_id), [TrialRunCallback()]
+        # One trial per optimize call, checking the budget first: Optuna's MaxTrialsCallback checks
+        # after a trial and counts only finished ones, so parallel workers would overshoot.
+        while True:
+            _fail_stale_trials(study)  # a dead worker's trial must not count as running
+            if trials_used(study) >= args.n_trials:
+                break
+            if args.timeout and time.perf_counter() - start > args.timeout:
+                print(f"[tune] --timeout {args.timeout} s reached")
+                break
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+            ran += 1
+        hours = (time.perf_counter() - start) / 3600
+        mlflow.log_metrics({"worker_trials": ran, "trials_per_hour": ran / hours if hours > 0 else 0.0})
+        summarize(study, args)
+        return run.info.run_id
+
+
+def summarize(study: optuna.Study, args) -> None:
+    """The study so far on this worker's run: counts, best trial, pruning savings, plots; and,
+    once no trial is running any more, the best trial scored once on the test split."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials)
+              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    mlflow.log_metrics({f"n_trials_{k}": v for k, v in counts.items()} | {"n_trials": len(trials)})
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and "saved_seconds" in t.user_attrs]
+    saved = sum(t.user_attrs["saved_seconds"] for t in pruned)
+    spent = sum(t.user_attrs.get("seconds", 0.0) for t in trials)
+    mlflow.log_metrics({"pruning_saved_seconds": saved,
+                        "pruning_saved_steps": sum(t.user_attrs["saved_steps"] for t in pruned),
+                        "pruning_saved_fraction": saved / (spent + saved) if spent + saved else 0.0,
+                        "trial_seconds_total": spent})
+    with tempfile.TemporaryDirectory() as tmp:
+        table = study.trials_dataframe(attrs=("number", "state", "value", "params", "user_attrs", "duration"))
+        table.to_csv(Path(tmp) / "trials.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "trials.csv"))
+    _log_plots(study)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        print("[tune] no trial completed yet")
+        return
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
+    mlflow.log_metric(f"best_{OBJECTIVE}", best.value)
+    mlflow.set_tag(TAG + "best_trial_run", best.system_attrs.get(RUN_ID_ATTRIBUTE_KEY, ""))
+    print(f"[tune] best trial {best.number}: {OBJECTIVE} {best.value:.4f} with {best.params}")
+    if counts["running"]:
+        print(f"[tune] {counts['running']} trial(s) still running: the last worker to finish scores the best "
+              "trial on the test split")
+        return
+    test_run = evaluate_best(study, best, args)
+    if args.register:
+        register_best(best, test_run, args.promote)
+
+
+def evaluate_best(study: optuna.Study, best, args) -> str:
+    """The one look at the test split: a classifier on the best trial's last synthetic data set."""
+    done = study.user_attrs.get("test_evaluation", {})
+    if done.get("trial") == best.number:  # another worker (or an earlier run) already did it
+        test_run = done["classify_run"]
+    else:
+        gen = best.user_attrs["generate_runs"][str(best.params["steps"])]
+        synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        test_run = classify.main(["--train", synthetic, "--test", args.data, "--model", args.classifier,
+                                  "--epochs", str(args.epochs), "--seed", str(args.seed), *threads])
+        study.set_user_attr("test_evaluation", {"trial": best.number, "classify_run": test_run})
+    metrics = MlflowClient().get_run(test_run).data.metrics
+    mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if k.startswith(("auc_", "acc_"))
+                        and "_ci_" not in k})
+    mlflow.set_tag(TAG + "test_classify_run", test_run)
+    print(f"[tune] best trial {best.number} on the test split: macro AUC {metrics.get('auc_macro', math.nan):.4f}")
+    return test_run
+
+
+def register_best(best, test_run: str, promote: bool = False) -> None:
+    """Register the best trial's final checkpoint in the model registry (idempotent)."""
+    try:
+        from registry.register import register_checkpoint
+    except ImportError:  # TODO(registry): remove once registry/register.py (the registry issue) is in
+        mlflow.set_tag(TAG + "registered", "no: registry.register is not available yet")
+        print("[tune] registry.register is not available: the best checkpoint is not registered")
+        return
+    step = best.params["steps"]
+    version = register_checkpoint(best.user_attrs["finetune_run"], step, classify_run_id=test_run,
+                                  generate_run_id=best.user_attrs["generate_runs"][str(step)])
+    mlflow.set_tag(TAG + "registered", f"models:/{version.name}/{version.version}")
+    print(f"[tune] registered models:/{version.name}/{version.version}")
+    if promote:
+        from registry.promote import promote as promote_version
+
+        decision = promote_version(version.name, version=version.version)
+        mlflow.set_tag(TAG + "promotion", decision.reason[:5000])
+        print(f"[tune] promotion: {decision.reason}")
+
+
+def _log_plots(study: optuna.Study) -> None:
+    """Optuna's matplotlib plots (no plotly needed); importances need two finished trials."""
+    from optuna.visualization import matplotlib as plots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" warnings of optuna.visualization.matplotlib
+        for name, plot in (("optimization_history", plots.plot_optimization_history),
+                           ("param_importances", plots.plot_param_importances),
+                           ("intermediate_values", plots.plot_intermediate_values)):
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:
+                print(f"[tune] no {name} plot yet: {err}")
+                continue
+            figure = getattr(axes, "figure", None) or axes.flat[0].figure
+            mlflow.log_figure(figure, f"plots/{name}.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+
+def _redact(url: str) -> str:
+    """A storage URL without its password, fit for a tag."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+if __name__ == "__main__":
+    main()
