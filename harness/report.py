@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="", help=f"registered model(s), comma-separated (default: every {MODEL_PREFIX}-*)")
     p.add_argument("--output_dir", default="reports")
     p.add_argument("--log", type=bool_arg, default=True, help="also log the report as the artifacts of a 'report' run")
+    p.add_argument("--screenshot", default="", help="also render report.html to this PNG with headless Chromium")
     p.add_argument("--experiment", default=None)
     return p.parse_args(argv)
 
@@ -359,6 +360,22 @@ img {{ max-width: 100%; border: 1px solid #eee; }}
 """
 
 
+def screenshot(page: Path, png: Path, width: int = 1280, height: int = 3200) -> Path:
+    """Render an HTML file as a person sees it (Debian's ``chromium`` package, headless)."""
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise RuntimeError("no Chromium found for --screenshot; install it (apt-get install chromium)")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size={width},{height}", f"--screenshot={png.resolve()}", page.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    if not png.is_file() or png.stat().st_size == 0:
+        raise RuntimeError(f"Chromium wrote no screenshot of {page}")
+    return png
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tracking.setup(args.experiment)
@@ -366,9 +383,15 @@ def main(argv=None) -> dict:
     names = model_names(client, args.name)
     out = Path(args.output_dir)
     if not args.log:
-        return build(client, names, out)
+        result = build(client, names, out)
+        if args.screenshot:
+            result["screenshot"] = screenshot(result["html"], Path(args.screenshot))
+        return result
     with tracking.tracked_run("report", args.experiment, tags={"harness.entry_point": "report"}):
         result = build(client, names, out)
+        if args.screenshot:
+            result["screenshot"] = screenshot(result["html"], Path(args.screenshot))
+            result["files"].append(result["screenshot"])
         mlflow.log_param("models", ",".join(names))
         for path in [result["markdown"], result["html"], *result["files"]]:
             mlflow.log_artifact(str(path), "report" if path.parent == out else f"report/{path.parent.name}")

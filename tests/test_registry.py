@@ -6,6 +6,7 @@ directly, so each case controls which version is better."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -215,3 +216,17 @@ def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipel
     assert table.loc["dreambooth @ 2", "macro AUC"] == pytest.approx(0.9)
     assert table.loc["dreambooth @ 1", "Cardiomegaly_ci_low"] == pytest.approx(0.6)
     assert "version " + str(second.version) in result["markdown"].read_text()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_chromium(checkpoint):
+    from harness import report
+
+    run = checkpoint(steps=(1,))
+    register_checkpoint(run, 1, evaluation(0.75))
+    result = report.main(["--output_dir", "reports", "--log", "false", "--screenshot", "reports/report.png"])
+    from PIL import Image
+
+    shot = Image.open(result["screenshot"]).convert("L")
+    assert shot.size == (1280, 3200)
+    assert len(set(shot.resize((64, 160)).getdata())) > 10  # a rendered page, not a blank one
