@@ -22,6 +22,7 @@ import argparse
 import time
 from dataclasses import dataclass
 
+import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -144,9 +145,14 @@ def main(argv=None) -> Decision:
     p.add_argument("--margin", type=float, default=0.0, help="how much the candidate must beat the champion by")
     p.add_argument("--alias", default=ALIAS)
     p.add_argument("--version", default="", help="promote this version (default: the best evaluated one)")
+    p.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
-    tracking.use_project_store()
-    decision = promote(args.name, args.metric, args.margin, args.alias, args.version or None)
+    # A run per promotion: the audit trail of who asked for what (and the run `mlflow run` makes).
+    with tracking.tracked_run("promote", args.experiment, tags={"harness.entry_point": "promote"}):
+        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+        decision = promote(args.name, args.metric, args.margin, args.alias, args.version or None)
+        mlflow.set_tags({"harness.champion": str(decision.champion), "harness.moved": str(decision.moved),
+                         "harness.reason": decision.reason[:5000]})
     print(f"[promote] {args.name}@{args.alias} -> version {decision.champion}: {decision.reason}")
     return decision
 

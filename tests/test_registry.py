@@ -128,6 +128,11 @@ def test_promote_refuses_unevaluated_version(checkpoint):
     bare = mlflow.register_model(source, NAME)  # registered by hand, without an evaluation
     with pytest.raises(ValueError, match=f"version {bare.version} has no evaluation metric 'auc_macro'"):
         promote(NAME, version=bare.version)
+    with pytest.raises(ValueError, match="no evaluation metric"):  # the entry point: its run ends FAILED
+        promote_module.main(["--name", NAME, "--version", str(bare.version)])
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
+                                      "tags.`harness.entry_point` = 'promote'")
+    assert [r.info.status for r in runs] == ["FAILED"]
     with pytest.raises(ValueError, match="no registered model"):
         promote("no-such-model")
     with pytest.raises(MlflowException, match="champion"):
