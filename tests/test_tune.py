@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from harness import tune
+from harness.data import load_table
 
 RUN_ID = "mlflow_run_id"  # where optuna_integration's MLflowCallback keeps a trial's run id
 
@@ -59,6 +60,7 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
     study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 2, "--sampler_seed", "0"))
     study = _study(storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    n_valid = len(load_table(f"chexpert:{tune_phantom}", "valid"))
     client = MlflowClient()
     runs = _runs(client)
     study_run = client.get_run(study_run_id)
@@ -79,6 +81,7 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
         for step in range(1, trial.params["steps"] + 1):
             judged = client.get_run(run.data.tags[f"harness.tune.classify_run.{step:06d}"])
             assert judged.data.params["test_split"] == "valid"  # tuning never looks at the test split
+            assert judged.data.params["n_test_images"] == str(n_valid)
             assert judged.data.tags["mlflow.parentRunId"] == finetune_run.info.run_id
             assert trial.intermediate_values[step] == pytest.approx(judged.data.metrics["auc_macro"])
             assert client.get_run(run.data.tags[f"harness.tune.generate_run.{step:06d}"]).info.status == "FINISHED"
@@ -289,9 +292,9 @@ def mlflow_server(postgres, tmp_path):
 
 def test_three_workers_share_a_study_on_postgresql(postgres, mlflow_server, tune_phantom, tiny_pipeline_dir,
                                                     tmp_path, monkeypatch):
-    n_trials = 6
+    n_trials = 5  # more than the workers: some run two
     storage = f"{postgres}/optuna"
-    argv = _argv(tune_phantom, tiny_pipeline_dir, storage, n_trials)
+    argv = _argv(tune_phantom, tiny_pipeline_dir, storage, n_trials, "--register", "false", steps=(1, 1))
     env = _env(MLFLOW_TRACKING_URI=mlflow_server, HARNESS_CACHE_DIR=str(tmp_path / ".cache"))
     workers = [subprocess.Popen([sys.executable, "-m", "harness.tune", *argv], cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"worker{i}.log", "w"))
