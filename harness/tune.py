@@ -116,14 +116,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def open_study(args) -> optuna.Study:
     """Create or load (``load_if_exists``) the study, with heartbeats so a dead worker's trial is
     failed and queued again instead of staying RUNNING."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
     storage = None
-    for attempt in range(5):  # workers started together race to create the schema: retry
+    for attempt in range(5):  # workers started together race to create Optuna's tables: retry
         try:
-            storage = optuna.storages.RDBStorage(
-                args.storage, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period or None,
-                heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=args.max_retry))
+            with warnings.catch_warnings():  # heartbeats and the retry callback are "experimental"
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    args.storage, heartbeat_interval=args.heartbeat_interval,
+                    grace_period=args.grace_period or None,
+                    heartbeat_stale_trial_callback=RetryDeadWorkerTrial(max_retry=args.max_retry))
             break
-        except Exception as err:  # sqlalchemy IntegrityError / ProgrammingError on concurrent CREATE
+        except (IntegrityError, ProgrammingError) as err:  # "already exists" from a concurrent CREATE
             if attempt == 4:
                 raise
             print(f"[tune] storage not ready ({type(err).__name__}), retrying")
