@@ -151,13 +151,13 @@ def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tune_phantom, tiny_
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     for lr in (1e-4, 2e-4, 5e-2):  # two good trials, then a bad one
-        study.enqueue_trial({"learning_rate": lr, "steps": 3})
-    study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 3, steps=(3, 3)))
+        study.enqueue_trial({"learning_rate": lr, "steps": 2})
+    study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 3, steps=(2, 2)))
     good1, good2, bad = _study(storage).trials
     assert good1.state == good2.state == TrialState.COMPLETE
-    assert good1.intermediate_values == {1: 0.9, 2: 0.9, 3: 0.9}
+    assert good1.intermediate_values == {1: 0.9, 2: 0.9}
     assert bad.state == TrialState.PRUNED and bad.intermediate_values == {1: 0.1}
-    assert bad.user_attrs["pruned_at_step"] == 1 and bad.user_attrs["saved_steps"] == 2
+    assert bad.user_attrs["pruned_at_step"] == 1 and bad.user_attrs["saved_steps"] == 1
     client = MlflowClient()
     finetune_run = client.get_run(bad.user_attrs["finetune_run"])
     # Fine-tuning really stopped after the first checkpoint, and its run ended cleanly.
@@ -167,9 +167,9 @@ def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tune_phantom, tiny_
     trial_run = client.get_run(bad.system_attrs[RUN_ID])
     assert trial_run.info.status == "FINISHED" and trial_run.data.tags["state"] == "PRUNED"
     metrics = client.get_run(study_run_id).data.metrics
-    assert metrics["n_trials_pruned"] == 1 and metrics["pruning_saved_steps"] == 2
-    # Two of the bad trial's three steps (and checkpoint judgings) were not run.
-    assert metrics["pruning_saved_seconds"] == pytest.approx(2 * bad.user_attrs["seconds"])
+    assert metrics["n_trials_pruned"] == 1 and metrics["pruning_saved_steps"] == 1
+    # Half of the bad trial's steps (and checkpoint judgings) were not run: as long as it ran.
+    assert metrics["pruning_saved_seconds"] == pytest.approx(bad.user_attrs["seconds"])
     assert 0 < metrics["pruning_saved_fraction"] < 1
 
 
