@@ -29,6 +29,17 @@ def empty_store(tmp_path_factory):
     return path
 
 
+def _forget_active_experiment(monkeypatch):
+    """``mlflow.set_experiment`` in an earlier test leaves its id in a module global and in the
+    environment; in a fresh store that id does not exist."""
+    import mlflow.tracking.fluent
+
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(var, "")  # recorded, so teardown restores the state before the test
+        monkeypatch.delenv(var)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch, empty_store):
     """A fresh SQLite tracking store and working directory (outputs/, .cache/) for one test."""
@@ -37,8 +48,7 @@ def mlflow_store(tmp_path, monkeypatch, empty_store):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / ".cache"))
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
+    _forget_active_experiment(monkeypatch)
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
@@ -122,8 +132,7 @@ def mlflow_server(tmp_path, monkeypatch, empty_store):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     (tmp_path / "artifacts").mkdir()
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path / ".cache"))
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
+    _forget_active_experiment(monkeypatch)
     with serve_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
