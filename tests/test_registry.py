@@ -149,9 +149,9 @@ def test_racing_promotions_leave_the_better_champion(checkpoint, monkeypatch):
     better_written = threading.Event()
 
     def pause():
-        decided.wait(timeout=30)  # both have read champion = version 1
+        decided.wait(timeout=120)  # both have read champion = version 1
         if threading.current_thread().name == "worse":
-            better_written.wait(timeout=30)
+            better_written.wait(timeout=120)
 
     monkeypatch.setattr(promote_module, "_pause", pause)
     results = {}
