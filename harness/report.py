@@ -14,7 +14,9 @@ of a ``report`` run:
 - the checks the write-up did by eye (view fraction, memorization, Frechet distance) with the
   training time and throughput;
 - the champion and its promotion history;
-- plots: per-disease AUC bars with CIs, macro AUC against steps per arm, loss curves, sample grids.
+- plots: per-disease AUC bars with CIs, macro AUC against steps per arm, loss curves, sample grids;
+- for each Optuna study (``harness.tune``): its trials with their parameters, validation AUC and
+  state, the best trial and its test AUC, and AUC against learning rate and against steps.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def model_names(client: MlflowClient, names: str) -> list[str]:
         return [n.strip() for n in names.split(",") if n.strip()]
     found = [m.name for m in client.search_registered_models()
              if m.tags.get("harness.kind") == "synthetic-data-generator"]
-    if not found:
+    if not found and not tuning_tables([e.experiment_id for e in client.search_experiments()]):
         raise ValueError("the registry holds no evaluated checkpoints (no model tagged by registry.register); "
                          "run the pipeline first, e.g. `mlflow run . -e pipeline --env-manager local`")
     return sorted(found)
@@ -157,6 +159,55 @@ def history_table(study: dict) -> pd.DataFrame:
     if not table.empty:
         table["champion now"] = table["version"] == study["champion"]
     return table
+
+
+def tuning_tables(experiment_ids: list[str]) -> dict[str, dict]:
+    """Per Optuna study (``harness.tune``): its trials (params, validation AUC, state) and the
+    figures its workers' study runs logged. From ``mlflow.search_runs`` DataFrames."""
+    runs = mlflow.search_runs(experiment_ids, "tags.`harness.tune.study` != ''", output_format="pandas")
+    if runs.empty:
+        return {}
+    studies = {}
+    for name, group in runs.groupby("tags.harness.tune.study"):
+        trials = group[group.get("tags.harness.tune.trial", pd.Series(dtype=str)).notna()] \
+            if "tags.harness.tune.trial" in group else group.iloc[0:0]
+        table = pd.DataFrame({
+            "trial": pd.to_numeric(trials["tags.harness.tune.trial"]).astype(int),
+            "learning_rate": pd.to_numeric(trials.get("params.learning_rate")),
+            "steps": pd.to_numeric(trials.get("params.steps")),
+            "valid macro AUC": trials.get("metrics.valid_auc_macro"),
+            # Optuna's state where its callback recorded one, else how the trial's run ended.
+            "state": trials.get("tags.state", pd.Series(index=trials.index, dtype=str)).fillna(trials["status"]),
+            "run": trials["run_id"].str[:8],
+        }).sort_values("trial").reset_index(drop=True) if not trials.empty else pd.DataFrame()
+        workers = group[group["tags.harness.entry_point"] == "tune"] if "tags.harness.entry_point" in group \
+            else group.iloc[0:0]
+        latest = workers.sort_values("start_time").iloc[-1] if not workers.empty else None
+        summary = {}
+        if latest is not None:
+            for key in ("metrics.best_valid_auc_macro", "metrics.test_auc_macro", "params.best_learning_rate",
+                        "params.best_steps", "params.best_trial", "tags.harness.tune.registered"):
+                if key in latest and pd.notna(latest[key]):
+                    summary[key.split(".", 1)[1].replace("harness.tune.", "")] = latest[key]
+            summary["workers"] = len(workers)
+            summary["trials per hour (sum over workers)"] = workers.get("metrics.trials_per_hour",
+                                                                        pd.Series(dtype=float)).sum()
+            summary["pruning saved (s)"] = latest.get("metrics.pruning_saved_seconds", math.nan)
+        studies[name] = {"trials": table, "summary": summary}
+    return studies
+
+
+def plot_tuning(trials: pd.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for state, group in trials.groupby("state"):
+        axes[0].scatter(group["learning_rate"], group["valid macro AUC"], label=state)
+        axes[1].scatter(group["steps"], group["valid macro AUC"], label=state)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("learning rate")
+    axes[1].set_xlabel("fine-tuning steps")
+    axes[0].set_ylabel("macro AUC on the real valid split")
+    axes[1].legend(fontsize=8)
+    return _save(fig, path)
 
 
 # ------------------------------------------------------------------------------------ format
@@ -335,6 +386,24 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
                  hist.to_html(index=False) if not hist.empty else "<p>no promotion yet</p>"]
         body += [f"<h3>{html.escape(t)}</h3>{_img(p)}" for t, p in plots.items()]
         body += [f"<h3>Samples: {html.escape(label)}</h3>{_img(p)}" for label, p in grids.items()]
+    studies = tuning_tables([e.experiment_id for e in client.search_experiments()])
+    if studies:
+        md += ["## Tuning (Optuna)", ""]
+        body += ["<h2>Tuning (Optuna)</h2>"]
+    for study_name, study in studies.items():
+        trials, summary = study["trials"], study["summary"]
+        slug = "tuning_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in study_name)
+        trials.to_csv(out / f"{slug}_trials.csv", index=False)
+        written.append(out / f"{slug}_trials.csv")
+        facts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+        md += [f"### Study {study_name}", "", facts, "", trials.to_markdown(index=False, floatfmt=".4g"), ""]
+        body += [f"<h3>Study {html.escape(study_name)}</h3>", f"<p>{html.escape(facts)}</p>",
+                 trials.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
+        if not trials.empty and trials["valid macro AUC"].notna().any():
+            plot = plot_tuning(trials, out / f"{slug}.png")
+            written.append(plot)
+            md += [f"![AUC against learning rate and steps]({plot.name})", ""]
+            body += [_img(plot)]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(HTML.format(body="\n".join(body)))
     return {"markdown": out / "report.md", "html": out / "report.html", "files": written}

@@ -378,12 +378,8 @@ def evaluate_best(study: optuna.Study, best, args) -> str:
 
 def register_best(best, test_run: str, promote: bool = False) -> None:
     """Register the best trial's final checkpoint in the model registry (idempotent)."""
-    try:
-        from registry.register import register_checkpoint
-    except ImportError:  # TODO(registry): remove once registry/register.py (the registry issue) is in
-        mlflow.set_tag(TAG + "registered", "no: registry.register is not available yet")
-        print("[tune] registry.register is not available: the best checkpoint is not registered")
-        return
+    from registry.register import register_checkpoint
+
     step = best.params["steps"]
     version = register_checkpoint(best.user_attrs["finetune_run"], step, classify_run_id=test_run,
                                   generate_run_id=best.user_attrs["generate_runs"][str(step)])

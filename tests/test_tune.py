@@ -13,15 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
+from conftest import serve_mlflow
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from harness import tune
+from harness import report, tune
 from harness.data import load_table
 
 RUN_ID = "mlflow_run_id"  # where optuna_integration's MLflowCallback keeps a trial's run id
@@ -100,12 +101,10 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
     assert study_run.data.metrics["test_auc_macro"] == pytest.approx(test_run.data.metrics["auc_macro"])
     best_gen = best.user_attrs["generate_runs"][str(best.params["steps"])]
     assert test_run.data.params["train"] == client.get_run(best_gen).data.tags["harness.generated_data"]
-    registered = study_run.data.tags["harness.tune.registered"]
-    if not registered.startswith("no:"):  # registry.register present
-        name, version = registered.removeprefix("models:/").split("/")
-        tags = client.get_model_version(name, version).tags
-        assert tags["finetune_run_id"] == best.user_attrs["finetune_run"]
-        assert tags["step"] == str(best.params["steps"]) and tags["classify_run_id"] == test_run.info.run_id
+    name, version = study_run.data.tags["harness.tune.registered"].removeprefix("models:/").split("/")
+    tags = client.get_model_version(name, version).tags
+    assert tags["finetune_run_id"] == best.user_attrs["finetune_run"]
+    assert tags["step"] == str(best.params["steps"]) and tags["classify_run_id"] == test_run.info.run_id
     n_runs = len(runs)
 
     # Resume: the same command with a larger budget adds exactly the missing trial.
@@ -115,6 +114,15 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
     assert client.get_run(study.trials[2].system_attrs[RUN_ID]).data.tags["mlflow.parentRunId"] == again
     assert client.get_run(again).data.metrics["worker_trials"] == 1
     assert len(_runs(client)) > n_runs
+
+    # The report's tuning section: one row per trial, as Optuna recorded it.
+    result = report.main(["--output_dir", "reports", "--log", "false"])
+    table = pd.read_csv(next(p for p in result["files"] if p.name.endswith("_trials.csv")))
+    assert list(table["trial"]) == [t.number for t in study.trials]
+    assert list(table["state"]) == ["COMPLETE"] * 3
+    assert table["valid macro AUC"].tolist() == pytest.approx([t.value for t in study.trials])
+    assert table["learning_rate"].tolist() == pytest.approx([t.params["learning_rate"] for t in study.trials])
+    assert "Tuning (Optuna)" in result["markdown"].read_text()
 
 
 def test_crashing_trial_is_recorded_and_the_study_goes_on(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path):
@@ -268,26 +276,9 @@ def postgres():
 @pytest.fixture
 def mlflow_server(postgres, tmp_path):
     """`mlflow server` with a PostgreSQL backend store and local artifacts; yields its URL."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
-         "--artifacts-destination", str(tmp_path / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-3000:]}")
-                time.sleep(1)
+    (tmp_path / "mlartifacts").mkdir()
+    with serve_mlflow(f"{postgres}/mlflow", str(tmp_path / "mlartifacts")) as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_three_workers_share_a_study_on_postgresql(postgres, mlflow_server, tune_phantom, tiny_pipeline_dir,
