@@ -8,7 +8,7 @@ MLFLOW := $(VENV)/bin/mlflow
 # MLproject commands say `python -m ...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo base test bench clean
+.PHONY: venv demo base study report test bench clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -26,6 +26,14 @@ demo: venv
 
 base: venv
 	$(MLFLOW) run . -e base --env-manager local
+
+# The write-up's study on the embedded default (every arm, judged checkpoints, champion), then its report.
+study: venv
+	$(MLFLOW) run . -e pipeline --env-manager local
+	$(MLFLOW) run . -e report --env-manager local
+
+report: venv
+	$(MLFLOW) run . -e report --env-manager local
 
 test: venv
 	$(PY) -m pytest -q tests
