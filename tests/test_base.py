@@ -132,7 +132,8 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
     for key in ("vae_psnr", "vae_final_mse", "unet_final_loss", "scaling_factor", "seconds"):
         assert key in metrics
     assert np.isfinite(metrics["unet_final_loss"]) and metrics["scaling_factor"] > 0
-    assert {"vae_loss", "unet_loss"} <= {k for _, m in logged for k in m}
+    assert {"vae_loss", "unet_loss", "text_identity_loss"} <= {k for _, m in logged for k in m}
+    assert -1 <= metrics["disease_prompt_max_cosine"] <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no tmp dir left behind
     assert (out / "samples.png").is_file()
     saved = json.loads((out / "base_build.json").read_text())
@@ -145,6 +146,26 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
 
+
+
+def test_token_identity_loss_makes_prompts_distinct(tokenizer):
+    """The text encoder learns to keep each word readable from its output state, so the disease
+    prompts, which differ in one word, stop mapping to (almost) the same states."""
+    torch.manual_seed(0)
+    te = build_components(SDConfig.tiny(), tokenizer)["text_encoder"]
+    ids = tokenizer(medical_corpus(), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    before = build.token_identity_loss(te, ids, tokenizer.pad_token_id).item()
+    cosine_before = build.prompt_max_cosine(te.eval(), tokenizer)
+    te.train()
+    opt = torch.optim.AdamW(te.parameters(), lr=1e-2)
+    for _ in range(40):
+        loss = build.token_identity_loss(te, ids, tokenizer.pad_token_id)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < before / 4
+    assert build.prompt_max_cosine(te.eval(), tokenizer) < cosine_before
 
 
 def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
