@@ -194,3 +194,35 @@ def test_missing_image_fails_clearly_or_is_skipped_and_counted(mlflow_store, tin
     run_id = finetune.main(_args(data, tiny_pipeline_dir, tmp_path / "b", 2, 2, "--skip_bad"), arm="dreambooth")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_missing_images"] == 1
+
+
+def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--arm", "dreambooth", "--caption_dropout", "1.0"])
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--arm", "dreambooth", "--snr_gamma", "-1"])
+    args = finetune.parse_args(["--arm", "dreambooth"])
+    assert args.caption_dropout == 0.1 and args.snr_gamma == 5.0  # the measured defaults
+    # both change what is learned: a different run key (resume identity)
+    assert finetune.run_key(args) != finetune.run_key(finetune.parse_args(["--arm", "dreambooth", "--snr_gamma", "0"]))
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2, "--caption_dropout", "0.5",
+                                 "--snr_gamma", "0"), arm="dreambooth")
+    assert MlflowClient().get_run(run_id).data.params["caption_dropout"] == "0.5"
+
+
+def test_latent_cache_samples_the_vae_posterior(tiny_pipeline_dir):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae").eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    data = [{"pixel_values": x[i], "index": 10 + i} for i in range(3)]
+    cache = finetune.LatentCache(data, vae, scaling_factor=0.5, batch_size=2)
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+    torch.manual_seed(0)
+    a = cache.sample(torch.tensor([12, 10]))
+    assert a.shape == (2, *post.mean.shape[1:])
+    assert torch.allclose(cache.means[12], post.mean[2], atol=1e-5)
+    torch.manual_seed(0)
+    noise = torch.randn_like(post.mean[[2, 0]].contiguous())
+    assert torch.allclose(a, (post.mean[[2, 0]] + post.std[[2, 0]] * noise) * 0.5, atol=1e-5)
