@@ -8,7 +8,9 @@ changes nothing the real classifier can see), which needs no second classifier.
 
 ``--oracle`` replaces fine-tuning + generation by the phantom renderer itself drawing new patients
 for each prompt: a perfect generator. Its ratio is the ceiling that ``n_per_prompt`` and the
-classifier budget put on every arm, whatever the model (measured, see the README).
+classifier budget put on every arm, whatever the model. Measured (small_cnn, 8 epochs, real
+macro AUC 0.938, 1 thread): 24 images per prompt 0.512 (chance: the pipeline's old default cannot
+tell a perfect generator from a useless one), 100: 0.702, 200: 0.844, 400: 0.892 (ratio 0.95).
 
     python -m bench.synthetic_ratio --arm dreambooth --steps 600 --n_per_prompt 200
     python -m bench.synthetic_ratio --oracle --n_per_prompt 200

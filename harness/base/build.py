@@ -7,7 +7,10 @@ Stage 1 trains the VAE as a general image codec on drawn scenes AND unlabeled ph
 (no labels used), so fine-tuning on X-rays later has latents that can represent them. Stage 2
 pretrains the UNet and text encoder jointly with SD's loss (epsilon prediction under the DDPM
 schedule, 10% empty captions for classifier-free guidance) on the captioned scenes ONLY: the base
-is our stand-in for SD's natural-image prior and has never drawn a chest.
+is our stand-in for SD's natural-image prior and has never drawn a chest. The text encoder also
+learns, from text alone (scene captions and the medical words), to keep each token readable from
+its output state, so prompts that differ in one finding word get different states, as a real CLIP
+text encoder gives them.
 """
 
 from __future__ import annotations
