@@ -86,6 +86,16 @@ def collect(client: MlflowClient, name: str) -> dict:
             latest[key] = v
     order = {arm: i for i, arm in enumerate(ARM_ORDER)}
     versions = [latest[k] for k in sorted(latest, key=lambda k: (order.get(k[0], len(order)), k[0], k[1]))]
+    labels = {str(v.version): _label(v) for v in versions}
+    try:
+        holder = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        holder = None
+    champion = str(holder.version) if holder is not None else None
+    if holder is not None and champion not in labels:  # an older run of the same arm @ step kept the alias
+        at = next((i + 1 for i, v in enumerate(versions) if _label(v) == _label(holder)), len(versions))
+        versions.insert(at, holder)
+        labels[champion] = f"{_label(holder)} (v{champion}, champion)"
     baselines = {}
     for v in versions:
         run = _run(client, v.tags.get("classify_run_id"))
@@ -93,11 +103,7 @@ def collect(client: MlflowClient, name: str) -> dict:
             baselines.setdefault(run.data.params["baseline_run"], 0)
             baselines[run.data.params["baseline_run"]] += 1
     baseline = _run(client, max(baselines, key=baselines.get)) if baselines else None
-    try:
-        champion = str(client.get_model_version_by_alias(name, ALIAS).version)
-    except MlflowException:
-        champion = None
-    return {"name": name, "versions": versions, "baseline": baseline, "champion": champion,
+    return {"name": name, "versions": versions, "labels": labels, "baseline": baseline, "champion": champion,
             "history": history(name, client=client)}
 
 
@@ -120,7 +126,7 @@ def auc_table(study: dict) -> pd.DataFrame:
     if study["baseline"] is not None:
         rows[REAL] = _figures(lambda k: study["baseline"].data.metrics.get(k))
     for v in study["versions"]:
-        rows[_label(v)] = _figures(lambda k, v=v: value(v, k))
+        rows[study["labels"][str(v.version)]] = _figures(lambda k, v=v: value(v, k))
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
@@ -148,7 +154,7 @@ def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
         if run is not None and run.info.end_time:
             row["training time (s)"] = (run.info.end_time - run.info.start_time) / 1000
             row["throughput (img/s)"] = _num(run.data.metrics.get("throughput_images_per_s"))
-        rows[_label(v)] = row
+        rows[study["labels"][str(v.version)]] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
@@ -280,7 +286,7 @@ def plot_auc_vs_steps(table: pd.DataFrame, path: Path) -> Path:
     for row in table.index:
         if row != REAL:
             arm, step = row.split(" @ ")
-            arms.setdefault(arm, []).append((int(step), table.at[row, "macro AUC"]))
+            arms.setdefault(arm, []).append((int(step.split()[0]), table.at[row, "macro AUC"]))
     for arm, points in arms.items():
         points.sort()
         ax.plot([s for s, _ in points], [a for _, a in points], marker="o", label=arm)
@@ -333,9 +339,9 @@ def sample_grids(client: MlflowClient, study: dict, folder: Path) -> dict[str, P
                                                             dst_path=tmp)
             except (MlflowException, OSError):
                 continue  # a run without grids (e.g. logged by hand)
-            target = folder / f"{v.tags.get('arm')}_step_{step:06d}.png"
+            target = folder / f"{v.tags.get('arm')}_step_{step:06d}_v{v.version}.png"
             shutil.copy(local, target)
-            out[_label(v)] = target
+            out[study["labels"][str(v.version)]] = target
     return out
 
 
@@ -361,7 +367,7 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
 
         champion = study["champion"]
         champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
-                      f"({next((_label(v) for v in study['versions'] if str(v.version) == champion), '?')})"
+                      f"({study['labels'][champion].split(' (')[0]})"
                       if champion else "no champion yet (run `python -m registry.promote --name " + name + "`)")
         baseline = study["baseline"]
         md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),

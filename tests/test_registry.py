@@ -235,3 +235,17 @@ def test_report_renders_in_chromium(checkpoint):
     shot = Image.open(result["screenshot"]).convert("L")
     assert shot.size == (1280, 3200)
     assert len(set(shot.resize((64, 160)).getdata())) > 10  # a rendered page, not a blank one
+
+
+def test_report_keeps_a_champion_that_a_newer_run_did_not_beat(checkpoint):
+    from harness import report
+
+    register_checkpoint(checkpoint(steps=(1,)), 1, evaluation(0.8))
+    promote(NAME)
+    register_checkpoint(checkpoint(steps=(1,)), 1, evaluation(0.6))  # a re-run of the same arm @ step
+    assert not promote(NAME).moved
+    result = report.main(["--output_dir", "reports", "--log", "false"])
+    table = pd.read_csv(f"reports/{NAME}_auc.csv", index_col=0)
+    assert list(table.index) == ["dreambooth @ 1", "dreambooth @ 1 (v1, champion)"]
+    assert table["macro AUC"].tolist() == pytest.approx([0.6, 0.8])
+    assert "= version 1 (dreambooth @ 1)" in result["markdown"].read_text()
