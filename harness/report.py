@@ -67,12 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_names(client: MlflowClient, names: str) -> list[str]:
     if names:
         return [n.strip() for n in names.split(",") if n.strip()]
-    found = [m.name for m in client.search_registered_models()
-             if m.tags.get("harness.kind") == "synthetic-data-generator"]
-    if not found and not tuning_tables([e.experiment_id for e in client.search_experiments()]):
-        raise ValueError("the registry holds no evaluated checkpoints (no model tagged by registry.register); "
-                         "run the pipeline first, e.g. `mlflow run . -e pipeline --env-manager local`")
-    return sorted(found)
+    return sorted(m.name for m in client.search_registered_models()
+                  if m.tags.get("harness.kind") == "synthetic-data-generator")
 
 
 def collect(client: MlflowClient, name: str) -> dict:
@@ -175,8 +171,8 @@ def tuning_tables(experiment_ids: list[str]) -> dict[str, dict]:
         return {}
     studies = {}
     for name, group in runs.groupby("tags.harness.tune.study"):
-        trials = group[group.get("tags.harness.tune.trial", pd.Series(dtype=str)).notna()] \
-            if "tags.harness.tune.trial" in group else group.iloc[0:0]
+        trials = group[group["tags.harness.tune.trial"].notna()] if "tags.harness.tune.trial" in group \
+            else group.iloc[0:0]
         table = pd.DataFrame({
             "trial": pd.to_numeric(trials["tags.harness.tune.trial"]).astype(int),
             "learning_rate": pd.to_numeric(trials.get("params.learning_rate")),
@@ -347,6 +343,11 @@ def sample_grids(client: MlflowClient, study: dict, folder: Path) -> dict[str, P
 
 # ------------------------------------------------------------------------------------- write
 def build(client: MlflowClient, names: list[str], out: Path) -> dict:
+    studies = tuning_tables([e.experiment_id for e in client.search_experiments()])
+    if not names and not studies:
+        raise ValueError("the registry holds no evaluated checkpoints (no model tagged by registry.register) "
+                         "and there is no tuning study; run the pipeline first, e.g. "
+                         "`mlflow run . -e pipeline --env-manager local`")
     out.mkdir(parents=True, exist_ok=True)
     md, body, written = ["# Synthetic chest X-rays as training data", ""], [], []
     for name in names:
@@ -392,7 +393,6 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
                  hist.to_html(index=False) if not hist.empty else "<p>no promotion yet</p>"]
         body += [f"<h3>{html.escape(t)}</h3>{_img(p)}" for t, p in plots.items()]
         body += [f"<h3>Samples: {html.escape(label)}</h3>{_img(p)}" for label, p in grids.items()]
-    studies = tuning_tables([e.experiment_id for e in client.search_experiments()])
     if studies:
         md += ["## Tuning (Optuna)", ""]
         body += ["<h2>Tuning (Optuna)</h2>"]
