@@ -32,28 +32,28 @@ import numpy as np
 import torch
 
 
-def oracle_data(out: Path, n_per_prompt: int, seed: int, view: str = "frontal",
-                valid_fraction: float = 0.1) -> str:
-    """A CheXpert-layout set drawn by the phantom renderer: single-finding prompts + no finding."""
+def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease", data: str = "phantom") -> str:
+    """A CheXpert-layout set drawn by the phantom renderer for generate's prompts (same label
+    sets, splits and sizes as ``generate --prompts <prompts>`` would make)."""
     from PIL import Image
 
+    from harness import generate
     from harness.data.datasets import write_csv
     from harness.data.phantom import ARCHIVE, JPEG_QUALITY, render
-    from harness.generate import _labels
     from harness.pathologies import CHEXPERT_COLUMNS, FINDINGS
 
+    args = generate.parse_args(["--checkpoint", "oracle", "--n_per_prompt", str(n_per_prompt), "--seed", str(seed),
+                                "--prompts", prompts, "--prompt_data", data, "--grid_rows", "0"])
+    jobs = generate._jobs(args, generate.disease_prompts(FINDINGS))
     rows = {"train": [], "valid": []}
     rng = np.random.default_rng([seed, 99])
-    n_valid = max(1, round(n_per_prompt * valid_fraction))
-    for p, finding in enumerate(FINDINGS + ["No Finding"]):
-        for i in range(n_per_prompt):
-            split = "valid" if i >= n_per_prompt - n_valid else "train"
-            projection = ("PA", "AP")[int(rng.integers(2))] if view == "frontal" else "LATERAL"
-            image = render({f: f == finding for f in FINDINGS}, projection, rng, 256)
-            path = f"{ARCHIVE}/{split}/patient{p * n_per_prompt + i + 1:05d}/study1/view1_{view}.jpg"
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).resize((64, 64), Image.LANCZOS).save(out / path, quality=JPEG_QUALITY)
-            rows[split].append({"Path": path, "Frontal/Lateral": view.capitalize(), **_labels(finding)})
+    for k, job in enumerate(jobs):
+        projection = ("PA", "AP")[int(rng.integers(2))]
+        image = render({f: f in job["labels"] for f in FINDINGS}, projection, rng, 256)
+        path = f"{ARCHIVE}/{job['split']}/patient{k + 1:05d}/study1/view1_frontal.jpg"
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize((64, 64), Image.LANCZOS).save(out / path, quality=JPEG_QUALITY)
+        rows[job["split"]].append({"Path": path, "Frontal/Lateral": "Frontal", **generate._labels(job["labels"])})
     for split, split_rows in rows.items():
         write_csv(out / ARCHIVE / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
     return f"chexpert:{out / ARCHIVE}"
@@ -78,6 +78,9 @@ def prompt_auc(data: str, classifier_run: str) -> dict[str, float]:
     out = {}
     for j, finding in enumerate(FINDINGS):
         positives = table[finding].to_numpy() == 1.0
+        if not positives.any() or not negatives.any():  # data prompts may never draw a finding
+            out[finding] = float("nan")
+            continue
         y = np.r_[np.ones(positives.sum()), np.zeros(negatives.sum())]
         out[finding] = float(roc_auc_score(y, np.r_[scores[positives, j], scores[negatives, j]]))
     return out
@@ -94,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--n_per_prompt", type=int, default=200)
+    p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as generate's --prompts")
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--epochs", type=int, default=8)
@@ -129,7 +133,7 @@ def main(argv=None) -> dict:
 
         t = time.perf_counter()
         if a.oracle:
-            synthetic = oracle_data(root / "oracle", a.n_per_prompt, a.seed)
+            synthetic = oracle_data(root / "oracle", a.n_per_prompt, a.seed, a.prompts, a.data)
         else:
             checkpoint = a.checkpoint
             if not checkpoint:
@@ -142,6 +146,7 @@ def main(argv=None) -> dict:
                 timings["finetune_s"] = time.perf_counter() - t
                 t = time.perf_counter()
             gen = generate.main(["--checkpoint", checkpoint, "--n_per_prompt", str(a.n_per_prompt),
+                                 "--prompts", a.prompts, "--prompt_data", a.data,
                                  "--num_inference_steps", str(a.num_inference_steps),
                                  "--guidance_scale", str(a.guidance_scale), "--seed", str(a.seed),
                                  "--output_dir", str(root / "generated"), "--experiment", "ratio", *threads])
@@ -152,12 +157,13 @@ def main(argv=None) -> dict:
         synth_run = classify.main(["--train", synthetic, *common])
         timings["classify_synthetic_s"] = time.perf_counter() - t
         metrics = client.get_run(synth_run).data.metrics
-    result = {"source": "oracle" if a.oracle else (a.checkpoint or a.arm), "n_per_prompt": a.n_per_prompt,
+    result = {"source": "oracle" if a.oracle else (a.checkpoint or a.arm), "prompts": a.prompts,
+              "n_per_prompt": a.n_per_prompt,
               "real_macro_auc": real, "synthetic_macro_auc": metrics["auc_macro"],
               "ratio": metrics["auc_macro"] / real,
               "synthetic_auc": {k[4:]: v for k, v in metrics.items()
                                 if k.startswith("auc_") and not k.endswith(("_high", "_low")) and k != "auc_macro"},
-              "prompt_auc": prompts, "prompt_auc_mean": float(np.mean(list(prompts.values()))), **timings}
+              "prompt_auc": prompts, "prompt_auc_mean": float(np.nanmean(list(prompts.values()))), **timings}
     print(json.dumps(result, indent=2))
     print(f"synthetic/real macro AUC: {result['synthetic_macro_auc']:.3f} / {real:.3f} = {result['ratio']:.3f}")
     return result

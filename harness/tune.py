@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # measure nothing (a perfect generator gives macro AUC 0.51 at 24, 0.70 at 100, 0.84 at 200).
     p.add_argument("--batch_size", type=int_arg, default=8)
     p.add_argument("--n_per_prompt", type=int_arg, default=200, help="synthetic images per prompt and checkpoint")
+    p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as the pipeline's --prompts")
     p.add_argument("--num_inference_steps", type=int_arg, default=10)
     p.add_argument("--classifier", default="small_cnn")
     p.add_argument("--epochs", type=int_arg, default=8)
@@ -219,7 +220,7 @@ def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, st
     AUC on the real VALID split, and the generate and classify run ids."""
     threads = ["--threads", str(args.threads)] if args.threads else []
     gen = generate.main(["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
-                         "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
+                         "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
                          *threads])
     synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
     judged = classify.main(["--train", synthetic, "--test", args.data, "--test_split", "valid",

@@ -189,8 +189,10 @@ def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     assert pipe.tokenizer.model_max_length == 32 and pipe.unet.config.sample_size == 16
 
 
-def test_phantom_radiographs_for_the_vae_are_unlabeled_grayscale():
+def test_phantom_radiographs_are_grayscale_with_generic_captions_that_name_no_finding():
     pytest.importorskip("harness.data.phantom")
-    xrays = build.phantom_radiographs(4, 32, seed=0)
-    assert xrays.shape == (4, 32, 32) and xrays.dtype == np.uint8
-    assert np.array_equal(xrays, build.phantom_radiographs(4, 32, seed=0))
+    xrays, captions = build.phantom_radiographs(40, 32, seed=0)
+    assert xrays.shape == (40, 32, 32) and xrays.dtype == np.uint8
+    again, _ = build.phantom_radiographs(40, 32, seed=0)
+    assert np.array_equal(xrays, again)
+    assert set(captions) == {"a frontal chest x-ray", "a lateral chest x-ray"}  # the view, never a finding

@@ -226,3 +226,24 @@ def test_latent_cache_samples_the_vae_posterior(tiny_pipeline_dir):
     torch.manual_seed(0)
     noise = torch.randn_like(post.mean[[2, 0]].contiguous())
     assert torch.allclose(a, (post.mean[[2, 0]] + post.std[[2, 0]] * noise) * 0.5, atol=1e-5)
+
+
+def test_ema_checkpoints_hold_the_warmed_up_average_of_the_raw_weights(mlflow_store, tiny_phantom,
+                                                                     tiny_pipeline_dir, tmp_path):
+    """Same seed, same raw trajectory: the EMA run's step-4 UNet is the average (decay
+    min(0.5, 1 - (1 + s)^-2/3), s = step - 1) of the raw run's per-step UNets."""
+    raw_out, ema_out = tmp_path / "raw", tmp_path / "ema"
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, raw_out, 4, 1, "--keep_checkpoints", "1", "--ema_decay", "0"),
+                  arm="dreambooth")
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, ema_out, 4, 4, "--ema_decay", "0.5"), arm="dreambooth")
+    raw = [_weights(raw_out / "checkpoints" / f"step_{s:06d}" / "pipeline", "unet") for s in range(1, 5)]
+    average = raw[0]
+    for s, weights in enumerate(raw[1:], start=1):
+        decay = min(0.5, 1 - (1 + s) ** (-2 / 3))
+        average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}
+    saved = _weights(ema_out / "checkpoints" / "step_000004" / "pipeline", "unet")
+    assert _changed(raw[-1], saved)  # not the raw weights ...
+    for k in saved:  # ... but their average
+        torch.testing.assert_close(saved[k], average[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--arm", "dreambooth", "--ema_decay", "1.0"])

@@ -91,18 +91,62 @@ def test_writes_a_chexpert_data_set_labelled_by_prompt(store, tiny_pipeline_dir,
         for row in table.to_dict("records"):
             made_by = provenance[str(Path(row["path"]).relative_to(out))]
             assert made_by["split"] == split
-            assert {l: row[l] for l in labels} == {l: float(l == made_by["finding"]) for l in labels}
+            assert {l: row[l] for l in labels} == {l: float(l == made_by["labels"]) for l in labels}
             image = Image.open(row["path"])
             assert (image.format, image.mode, image.size) == ("JPEG", "L", (32, 32))
     # the default loader (five findings) reads it too: each finding has positives
     assert load_table(spec, split="train")[FINDINGS].sum().tolist() == [2.0] * len(FINDINGS)
 
-    prompts = {row["finding"]: row["prompt"] for row in provenance.values()}
+    prompts = {row["labels"]: row["prompt"] for row in provenance.values()}
     assert prompts["Edema"] == "a frontal chest x-ray showing edema"
     assert prompts[NO_FINDING] == "a frontal chest x-ray with no finding"
     grid = Image.open(MlflowClient().download_artifacts(run_id, "grids/samples.png", str(tmp_path)))
     assert grid.size == (PROMPTS * 32, 3 * 32)  # prompts as columns, images as rows
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_data_prompts_draw_the_real_label_sets(store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    """--prompts data: as many images as the disease prompts would make, each prompted and labelled
+    with the findings of a row of the real train split (co-occurring findings included)."""
+    spec = f"chexpert:{tiny_phantom}"
+    out = tmp_path / "gen"
+    run_id = _run(tiny_pipeline_dir, out, "--prompts", "data", "--prompt_data", spec, "--seed", "3", n=4, batch=8)
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params["prompt_data_used"] == spec
+    real = {frozenset(s) for s in generate.data_label_sets(spec)}
+    with open(out / "prompts.csv") as fh:
+        made = list(csv.DictReader(fh))
+    assert len(made) == 4 * PROMPTS and run.data.metrics["n_images"] == 4 * PROMPTS
+    assert sum(row["split"] == "valid" for row in made) == round(0.1 * 4 * PROMPTS)
+    tables = {split: load_table(DataSpec.parse(f"chexpert:{out / 'CheXpert-v1.0-small'}"), split=split,
+                                labels=FINDINGS + [NO_FINDING]) for split in ("train", "valid")}
+    by_path = {str(Path(p).relative_to(out)): r for t in tables.values() for p, r in zip(t["path"], t.to_dict("records"))}
+    for row in made:
+        positives = [] if row["labels"] == NO_FINDING else row["labels"].split("|")
+        assert frozenset(positives) in real  # a label set the real data has
+        assert all(f.lower() in row["prompt"] for f in positives)
+        assert ("no finding" in row["prompt"]) == (not positives)
+        labels = by_path[row["path"]]
+        assert [f for f in FINDINGS if labels[f] == 1.0] == positives
+        assert labels[NO_FINDING] == float(not positives)
+    # the grid still shows the disease prompts
+    grid = Image.open(MlflowClient().download_artifacts(run_id, "grids/samples.png", str(tmp_path)))
+    assert grid.size == (PROMPTS * 32, 4 * 32)
+    # seeded: the same seed draws the same label sets
+    _run(tiny_pipeline_dir, tmp_path / "again", "--prompts", "data", "--prompt_data", spec, "--seed", "3", n=4, batch=8)
+    with open(tmp_path / "again" / "prompts.csv") as fh:
+        assert [r["prompt"] for r in csv.DictReader(fh)] == [r["prompt"] for r in made]
+
+
+def test_data_prompts_from_a_set_without_such_views_fail_the_run(store, tiny_pipeline_dir, tmp_path):
+    frontal_only = MlflowClient().get_run(_run(tiny_pipeline_dir, tmp_path / "frontal", n=1, batch=6))
+    spec = frontal_only.data.tags["harness.generated_data"]
+    with pytest.raises(ValueError, match=r"no rows in .* for split='train', views='lateral'"):
+        _run(tiny_pipeline_dir, tmp_path / "gen", "--prompts", "data", "--prompt_data", spec, "--view", "lateral")
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    assert not (tmp_path / "gen").exists()
 
 
 def test_seed_decides_images_and_batch_size_does_not(store, tiny_pipeline_dir, tmp_path):
