@@ -1,19 +1,20 @@
 """The study's quality number for one arm, end to end: synthetic-trained / real-trained macro AUC.
 
-Fine-tunes one arm from the base, generates ``n_per_prompt`` images per disease prompt (+ no
-finding), trains the classify step's classifier on them and on the real train split, and scores
-both on the real test split. Also prints, per finding, how well the REAL-trained classifier tells
-the images of that finding's prompt from the no-finding prompt's ("prompt AUC": 0.5 = the prompt
-changes nothing the real classifier can see), which needs no second classifier.
+Fine-tunes one arm from the base, generates images with generate's ``--prompts`` (``data``: 6 x
+``n_per_prompt`` images prompted with real label sets; ``disease``: ``n_per_prompt`` per disease
+prompt + no finding), trains the classify step's classifier on them and on the real train split,
+and scores both on the real test split. Also prints, per finding, how well the REAL-trained
+classifier tells the images labelled with that finding from the no-finding images ("prompt AUC":
+0.5 = the prompt changes nothing the real classifier can see), which needs no second classifier.
 
 ``--oracle`` replaces fine-tuning + generation by the phantom renderer itself drawing new patients
-for each prompt: a perfect generator. Its ratio is the ceiling that ``n_per_prompt`` and the
-classifier budget put on every arm, whatever the model. Measured (small_cnn, 8 epochs, real
-macro AUC 0.938, 1 thread): 24 images per prompt 0.512 (chance: the pipeline's old default cannot
-tell a perfect generator from a useless one), 100: 0.702, 200: 0.844, 400: 0.892 (ratio 0.95).
+for each prompt: a perfect generator. Its ratio is the ceiling that the prompts, their number and
+the classifier budget put on every arm, whatever the model. Measured (small_cnn, 8 epochs, real
+macro AUC 0.938): disease prompts, 24 images per prompt 0.512 (chance), 100: 0.702, 200: 0.844,
+400: 0.892; data prompts, 1200 images in all (n_per_prompt 200) 0.882, 2400: 0.966.
 
     python -m bench.synthetic_ratio --arm dreambooth --steps 600 --n_per_prompt 200
-    python -m bench.synthetic_ratio --oracle --n_per_prompt 200
+    python -m bench.synthetic_ratio --oracle --n_per_prompt 200 [--prompts disease]
     python -m bench.synthetic_ratio --checkpoint outputs/dreambooth-.../checkpoints/step_000600/pipeline
 
 Runs go to a temporary MLflow store unless ``--keep`` names a directory.
@@ -98,8 +99,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--n_per_prompt", type=int, default=200)
     p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as generate's --prompts")
-    p.add_argument("--num_inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--num_inference_steps", type=int, default=6)  # the pipeline's defaults
+    p.add_argument("--guidance_scale", type=float, default=10.0)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)

@@ -396,7 +396,7 @@ def _emas(trained: dict, args, accelerator) -> list:
         # warm-up decay 1 - (1 + step)^-2/3 (diffusers' advice for short runs): 0.9 by step 30,
         # 0.99 by step 1000, capped at --ema_decay; early steps are not averaged with the base.
         ema = EMAModel(module.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
-                       power=2 / 3)
+                       power=2 / 3, foreach=True)  # one fused update, not a Python loop over tensors
         accelerator.register_for_checkpointing(ema)
         emas.append((module, ema))
     return emas

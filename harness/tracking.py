@@ -31,6 +31,8 @@ TAG_PID = "harness.pid"
 TAG_STARTED = "harness.process_started"
 TAG_ERROR = "harness.error"
 TAG_STEP = "harness.step"
+# A pipeline's worker processes start their steps' runs nested under this run (the pipeline's).
+PARENT_RUN_ENV = "HARNESS_PARENT_RUN_ID"
 
 
 def use_project_store() -> None:
@@ -90,13 +92,15 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
     """Start (or join, under ``mlflow run``) a run that is never left RUNNING. Inside another
     run (a step of the ``pipeline``), the new run is nested under it."""
     nested = nested or mlflow.active_run() is not None
+    parent = None if nested else os.environ.get(PARENT_RUN_ENV) or None
     if not nested:
         setup(experiment)
         reap_dead_runs()
     me = psutil.Process()
     process_tags = {TAG_HOST: socket.gethostname(), TAG_PID: str(me.pid),
                     TAG_STARTED: repr(me.create_time())}
-    run = mlflow.start_run(run_name=run_name, nested=nested, tags={**process_tags, **(tags or {})})
+    run = mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent,
+                           tags={**process_tags, **(tags or {})})
     try:
         yield run
     except KeyboardInterrupt:

@@ -4,6 +4,9 @@ checkpoint is registered, a re-run reuses, and the report shows what MLflow hold
 from __future__ import annotations
 
 import math
+import os
+
+import pytest
 
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +27,7 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     argv = ["--data", f"chexpert:{tiny_phantom}", "--pretrained_model", str(tiny_pipeline_dir),
             "--arms", "dreambooth,text_encoder", "--steps", "2", "--eval_steps", "1,2", "--n_per_prompt", "3",
             "--num_inference_steps", "2", "--epochs", "1", "--batch_size", "4"]
-    table = pipeline.main(argv)
+    table = pipeline.main([*argv, "--jobs", "2"])
     assert list(table.index) == ["real images", "dreambooth @ 1", "dreambooth @ 2", "text_encoder @ 1",
                                  "text_encoder @ 2"]
     assert list(table.columns) == FINDINGS + ["macro AUC", "accuracy", "frontal fraction", "memorized fraction",
@@ -36,11 +39,14 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     parent = next(r for r in runs if r.data.tags.get("harness.entry_point") == "pipeline")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 15
+    # --jobs 2: the steps ran in two worker processes, not in this one
+    assert len({r.data.tags["harness.pid"] for r in children}) == 2
+    assert str(os.getpid()) not in {r.data.tags["harness.pid"] for r in children}
     baseline = next(r for r in children if r.data.params.get("train") == f"chexpert:{tiny_phantom}")
     assert math.isclose(table.loc["real images", "macro AUC"], baseline.data.metrics["auc_macro"], rel_tol=1e-9) \
         or math.isnan(baseline.data.metrics["auc_macro"])
 
-    again = pipeline.main(argv)  # identical parameters, code and data: nothing is recomputed
+    again = pipeline.main([*argv, "--jobs", "1"])  # same parameters, code and data: nothing is recomputed
     assert len(_runs()) == len(runs) + 1
     assert again.equals(table)
 
@@ -75,6 +81,20 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     assert len(logged) == 1 and logged[0].info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(logged[0].info.run_id, "report")}
     assert {"report/report.md", "report/report.html", f"report/{name}_auc.csv"} <= artifacts
+
+
+def test_a_step_failing_in_a_worker_fails_the_pipeline_and_leaves_no_run_running(mlflow_store, tiny_phantom,
+                                                                                 tmp_path):
+    argv = ["--data", f"chexpert:{tiny_phantom}", "--pretrained_model", str(tmp_path / "no-such-model"),
+            "--arms", "dreambooth", "--steps", "1", "--eval_steps", "1", "--n_per_prompt", "1", "--epochs", "1",
+            "--jobs", "2"]
+    with pytest.raises(ValueError, match="could not load pretrained_model"):
+        pipeline.main(argv)
+    runs = _runs()
+    assert {r.info.status for r in runs} <= {"FAILED", "FINISHED"}
+    parent = next(r for r in runs if r.data.tags.get("harness.entry_point") == "pipeline")
+    assert parent.info.status == "FAILED" and "could not load pretrained_model" in parent.data.tags["harness.error"]
+    assert not MlflowClient().search_registered_models()  # nothing registered
 
 
 def _same(a: float, b: float) -> bool:
