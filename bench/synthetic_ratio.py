@@ -11,7 +11,7 @@ classifier tells the images labelled with that finding from the no-finding image
 for each prompt: a perfect generator. Its ratio is the ceiling that the prompts, their number and
 the classifier budget put on every arm, whatever the model. Measured (small_cnn, 8 epochs, real
 macro AUC 0.938): disease prompts, 24 images per prompt 0.512 (chance), 100: 0.702, 200: 0.844,
-400: 0.892; data prompts, 1200 images in all (n_per_prompt 200) 0.882, 2400: 0.966.
+400: 0.892; data prompts, 1200 images in all (n_per_prompt 200) 0.881, 2400: 0.964.
 
     python -m bench.synthetic_ratio --arm dreambooth --steps 600 --n_per_prompt 200
     python -m bench.synthetic_ratio --oracle --n_per_prompt 200 [--prompts disease]

@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_per_prompt", type=int_arg, default=200,
                    help="synthetic images per disease prompt (data prompts: as many in all, x6)")
     # Data prompts (label sets drawn from the real train split) show a classifier the findings'
-    # co-occurrence; the perfect generator reaches 0.88 from 1200 of them, 0.83 from disease prompts.
+    # co-occurrence; the perfect generator reaches 0.88 from 1200 of them, 0.84 from disease prompts.
     p.add_argument("--prompts", default="data", choices=["disease", "data"],
                    help="generate's prompts: data (the real label sets) or disease (the write-up's five + no finding)")
     # 6 DPM-Solver steps: the dreambooth checkpoint's synthetic macro AUC was 0.553 at 6 and 0.562 at

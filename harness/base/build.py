@@ -11,7 +11,7 @@ radiographs captioned only "a frontal/lateral chest x-ray": the base is our stan
 prior, which draws something like a chest X-ray (the write-up: "the images looked like some chest
 x-rays") but was never told which findings an image shows - that is what fine-tuning teaches.
 (Measured, dreambooth at 600 steps, 1200 data-prompt images: synthetic macro AUC 0.567 from a
-scenes-only base, 0.591 from this one.) The radiographs' patients are not the phantom data set's.
+scenes-only base, 0.591 from this one built with --n_radiographs 1200.) The radiographs' patients are not the phantom data set's.
 The text encoder also learns, from text alone (captions and the medical words), to keep each token
 readable from its output state, so prompts that differ in one finding word get different states,
 as a real CLIP text encoder gives them.
