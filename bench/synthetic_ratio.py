@@ -45,7 +45,8 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
 
     args = generate.parse_args(["--checkpoint", "oracle", "--n_per_prompt", str(n_per_prompt), "--seed", str(seed),
                                 "--prompts", prompts, "--prompt_data", data, "--grid_rows", "0"])
-    jobs = generate._jobs(args, generate.disease_prompts(FINDINGS))
+    label_sets = generate.data_label_sets(data) if prompts == "data" else None
+    jobs = generate.image_jobs(args, generate.disease_prompts(FINDINGS), label_sets)
     rows = {"train": [], "valid": []}
     rng = np.random.default_rng([seed, 99])
     for k, job in enumerate(jobs):
@@ -54,7 +55,7 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
         path = f"{ARCHIVE}/{job['split']}/patient{k + 1:05d}/study1/view1_frontal.jpg"
         (out / path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).resize((64, 64), Image.LANCZOS).save(out / path, quality=JPEG_QUALITY)
-        rows[job["split"]].append({"Path": path, "Frontal/Lateral": "Frontal", **generate._labels(job["labels"])})
+        rows[job["split"]].append({"Path": path, "Frontal/Lateral": "Frontal", **generate.label_cells(job["labels"])})
     for split, split_rows in rows.items():
         write_csv(out / ARCHIVE / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
     return f"chexpert:{out / ARCHIVE}"

@@ -304,12 +304,11 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            for module, ema in emas:
-                ema.step(module.parameters())
         window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
         if not accelerator.sync_gradients:
             continue
+        for module, ema in emas:
+            ema.step(module.parameters())
         step += 1
         progress.update(1)
         progress.set_postfix(loss=f"{loss.item():.4f}")

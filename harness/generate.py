@@ -196,9 +196,12 @@ def generate(args, run_id: str) -> Path:
         raise FileExistsError(f"output_dir {out} already exists; remove it or pass another --output_dir")
     by_finding = disease_prompts(FINDINGS, view=args.view, template=args.template,
                                  no_finding_template=args.no_finding_template)
+    label_sets = None
     if args.prompts == "data":
-        mlflow.log_param("prompt_data_used", prompt_data(args))
-    jobs = _jobs(args, by_finding)
+        spec = prompt_data(args)
+        mlflow.log_param("prompt_data_used", spec)
+        label_sets = data_label_sets(spec, args.view)
+    jobs = image_jobs(args, by_finding, label_sets)
 
     pipe, source = load(args)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -241,9 +244,10 @@ def _n_valid(n: int, fraction: float) -> int:
     return min(n - 1, max(1, round(n * fraction))) if fraction > 0 else 0
 
 
-def _jobs(args, by_finding: dict[str, str]) -> list[dict]:
+def image_jobs(args, by_finding: dict[str, str], label_sets: list[list[str]] | None = None) -> list[dict]:
     """One job per image: prompt, positive labels, seed, split (None: drawn for the grid only) and
-    grid cell (row, column) or None. The grid is always the disease prompts x ``--grid_rows``."""
+    grid cell (row, column) or None. The grid is always the disease prompts x ``--grid_rows``.
+    Data prompts are drawn from ``label_sets`` (``data_label_sets``)."""
     def job(labels, prompt, seed, split, cell=None):
         return {"labels": labels, "prompt": prompt, "seed": seed, "split": split, "grid": cell}
 
@@ -254,7 +258,8 @@ def _jobs(args, by_finding: dict[str, str]) -> list[dict]:
         return [job(single[p], prompt, image_seed(args.seed, p, i), "valid" if i >= n - n_valid else "train",
                     (i, p) if i < rows else None)
                 for p, prompt in enumerate(by_finding.values()) for i in range(n)]
-    label_sets = data_label_sets(prompt_data(args), args.view)
+    if not label_sets:
+        raise ValueError("data prompts need the real label sets to draw from (data_label_sets)")
     total = n * len(by_finding)
     picks = np.random.default_rng([args.seed, len(by_finding)]).integers(len(label_sets), size=total)
     n_valid = _n_valid(total, args.valid_fraction)
@@ -308,7 +313,7 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             image.save(root / path, quality=JPEG_QUALITY)
             csv_rows[job["split"]].append({"Path": path, "Frontal/Lateral": args.view.capitalize(),
-                                           **_labels(job["labels"])})
+                                           **label_cells(job["labels"])})
         progress.update(len(images))
         t0 = time.perf_counter()
     progress.close()
@@ -324,7 +329,7 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
     return metrics, grid
 
 
-def _labels(positives: list[str]) -> dict:
+def label_cells(positives: list[str]) -> dict:
     """CheXpert cells for an image of a prompt naming ``positives``: 1.0 for them, 0.0 for the
     other findings (No Finding is 1.0 when there are none), blank for observations the prompts
     do not speak of."""
