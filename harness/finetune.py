@@ -462,8 +462,11 @@ def _resume(args, key: str, out: Path, run_id: str, accelerator) -> int:
     return step
 
 
-def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid):
-    """One row per seed, one column per prompt; returns the grid and the first row."""
+def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid=None):
+    """One row per seed, one column per prompt, each labelled with its finding; returns the grid
+    and the first row. (``make_image_grid`` is unused: ``labelled_grid`` tiles with it.)"""
+    from harness.grids import labelled_grid
+
     pipe.set_progress_bar_config(disable=True)
     texts = list(prompts.values())
     rows = []
@@ -472,8 +475,7 @@ def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid):
         images = pipe(texts, num_inference_steps=args.grid_steps, height=resolution, width=resolution,
                       generator=generator).images
         rows.append(images)
-    grid = make_image_grid([im for row in rows for im in row], rows=len(rows), cols=len(texts))
-    return grid, rows[0]
+    return labelled_grid(rows, list(prompts)), rows[0]
 
 
 if __name__ == "__main__":

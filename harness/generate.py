@@ -49,6 +49,7 @@ from harness.data import DataSpec, disease_prompts, load_table, summarize
 from harness.data.datasets import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
 from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE, make_prompt
+from harness.grids import labelled_grid
 from harness.cli import int_arg
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 from registry.pyfunc import DEFAULT_STEPS
@@ -189,8 +190,6 @@ def sample(pipe, prompts: list[str], seeds: list[int], batch_size: int, num_infe
 
 
 def generate(args, run_id: str) -> Path:
-    from diffusers.utils import make_image_grid
-
     out = Path(args.output_dir or f"outputs/generated/{run_id}").expanduser().absolute()
     if out.exists():
         raise FileExistsError(f"output_dir {out} already exists; remove it or pass another --output_dir")
@@ -232,8 +231,7 @@ def generate(args, run_id: str) -> Path:
     mlflow.log_metrics(rows)
     if grid:
         columns = list(by_finding)
-        mlflow.log_image(make_image_grid([im for row in grid for im in row], rows=len(grid), cols=len(columns)),
-                         "grids/samples.png")
+        mlflow.log_image(labelled_grid(grid, columns), "grids/samples.png")
         mlflow.log_dict({"columns": columns, "prompts": by_finding}, "grids/samples.json")
     print(f"{rows['n_images']} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec}")
     return out

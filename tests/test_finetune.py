@@ -13,8 +13,10 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from harness import finetune
+from harness.grids import MIN_TILE, STRIP
 from registry.pyfunc import pipeline_dir_of
 
 
@@ -51,6 +53,8 @@ def test_arm_trains_only_its_modules_and_logs_everything(arm, mlflow_store, tiny
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].tags[0].value == "training"
     artifacts = {a.path for a in client.list_artifacts(run_id, "grids")}
     assert {"grids/step_000002.png", "grids/step_000004.png", "grids/iterations_vs_prompts.png"} <= artifacts
+    grid = Image.open(client.download_artifacts(run_id, "grids/step_000004.png", str(tmp_path)))
+    assert grid.size == (6 * MIN_TILE, STRIP + MIN_TILE)  # 5 findings + no finding, labelled, one seed
 
     # Each checkpoint is a full pipeline in MLflow; only the arm's modules moved.
     uri = run.data.tags["harness.checkpoint.000004"]

@@ -16,6 +16,7 @@ from PIL import Image
 from harness import finetune, generate
 from harness.data import DataSpec, load_table
 from harness.data.prompts import NO_FINDING
+from harness.grids import MIN_TILE, STRIP
 from harness.pathologies import FINDINGS
 
 PROMPTS = len(FINDINGS) + 1
@@ -101,7 +102,7 @@ def test_writes_a_chexpert_data_set_labelled_by_prompt(store, tiny_pipeline_dir,
     assert prompts["Edema"] == "a frontal chest x-ray showing edema"
     assert prompts[NO_FINDING] == "a frontal chest x-ray with no finding"
     grid = Image.open(MlflowClient().download_artifacts(run_id, "grids/samples.png", str(tmp_path)))
-    assert grid.size == (PROMPTS * 32, 3 * 32)  # prompts as columns, images as rows
+    assert grid.size == (PROMPTS * MIN_TILE, STRIP + 3 * MIN_TILE)  # prompts as columns under their labels
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
@@ -131,7 +132,7 @@ def test_data_prompts_draw_the_real_label_sets(store, tiny_phantom, tiny_pipelin
         assert labels[NO_FINDING] == float(not positives)
     # the grid still shows the disease prompts
     grid = Image.open(MlflowClient().download_artifacts(run_id, "grids/samples.png", str(tmp_path)))
-    assert grid.size == (PROMPTS * 32, 4 * 32)
+    assert grid.size == (PROMPTS * MIN_TILE, STRIP + 4 * MIN_TILE)
     # seeded: the same seed draws the same label sets
     _run(tiny_pipeline_dir, tmp_path / "again", "--prompts", "data", "--prompt_data", spec, "--seed", "3", n=4, batch=8)
     with open(tmp_path / "again" / "prompts.csv") as fh:
