@@ -1,4 +1,4 @@
-"""Classification metrics: per-label ROC AUC with unknown targets masked, and their macro mean."""
+"""Classification metrics: per-label ROC AUC with unknown targets masked, and their macro (nan-skipping) mean."""
 
 from __future__ import annotations
 
@@ -40,9 +40,12 @@ def per_label_auc(y_true, y_score, labels) -> dict[str, float]:
     return out
 
 
-def macro_auc(per_label: dict) -> float:
-    """Mean of the defined per-label AUCs; NaN when none is defined."""
+def nan_mean(per_label: dict) -> float:
+    """Mean of the defined per-label values (AUCs, accuracies, ...); NaN when none is defined."""
     values = np.array(list(per_label.values()), dtype=np.float64)
     if values.size == 0 or np.isnan(values).all():
         return float("nan")
     return float(np.nanmean(values))
+
+
+macro_auc = nan_mean  # the macro AUC is the nan-mean of the per-label AUCs

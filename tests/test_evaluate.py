@@ -1,14 +1,16 @@
 """harness.evaluate: the fast AUC inside the bootstrap equals sklearn's, and the intervals equal a
-slow reference (the same scipy bootstrap with roc_auc_score on every resample)."""
+slow reference (the same scipy bootstrap with roc_auc_score on every resample), for per-label AUCs
+and for the paired difference of two classifiers' macro AUCs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from harness.evaluate import _auc_counts, bootstrap_auc, paired_difference, per_label_accuracy
+from harness.evaluate import (_auc_counts, bootstrap_auc, paired_difference, paired_macro_difference,
+                              per_label_accuracy, per_label_balanced_accuracy)
 
 LABELS = ["Cardiomegaly", "Edema", "Pleural Effusion"]
 
@@ -78,6 +80,45 @@ def test_accuracy_masks_unknown_targets():
     acc = per_label_accuracy(y, s, LABELS)
     known = ~np.isnan(y[:, 2])
     assert acc["Pleural Effusion"] == pytest.approx(accuracy_score(y[known, 2], s[known, 2] >= 0.5))
+
+
+def test_balanced_accuracy_masks_unknown_targets_and_is_nan_for_one_class():
+    y, s = _data()
+    y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 0.0)
+    balanced = per_label_balanced_accuracy(y, s, LABELS)
+    known = ~np.isnan(y[:, 2])
+    assert balanced["Pleural Effusion"] == pytest.approx(balanced_accuracy_score(y[known, 2], s[known, 2] >= 0.5))
+    assert np.isnan(balanced["Edema"]) and not np.isnan(per_label_accuracy(y, s, LABELS)["Edema"])
+    # predicting every rare finding absent: accuracy is the prevalence of its absence, balanced accuracy 0.5
+    never = np.zeros_like(s)
+    assert per_label_balanced_accuracy(y, never, LABELS)["Cardiomegaly"] == 0.5
+    assert per_label_accuracy(y, never, LABELS)["Cardiomegaly"] > 0.6
+
+
+def _macro(y, s, rows):
+    """Brute force: the nan-mean over labels with both classes of roc_auc_score on the rows."""
+    aucs = []
+    for k in range(y.shape[1]):
+        yk, sk = y[rows, k], s[rows, k]
+        known = ~np.isnan(yk)
+        if len(np.unique(yk[known])) == 2:
+            aucs.append(roc_auc_score(yk[known], sk[known]))
+    return np.mean(aucs) if aucs else np.nan
+
+
+def test_paired_macro_difference_matches_brute_force():
+    y, a = _data(n=60, seed=2)
+    b = a + np.random.default_rng(6).normal(0, 0.5, a.shape)
+    diff, low, high = paired_macro_difference(y, a, b, LABELS, n_resamples=300, seed=4)
+    assert diff == pytest.approx(_macro(y, a, np.arange(len(y))) - _macro(y, b, np.arange(len(y))))
+    ref = stats.bootstrap((np.arange(len(y)),), lambda i: _macro(y, a, i.astype(int)) - _macro(y, b, i.astype(int)),
+                          vectorized=False, n_resamples=300, batch=200, method="percentile",
+                          rng=np.random.default_rng(4)).confidence_interval  # the same resamples of images
+    assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+    assert low <= diff <= high
+    assert paired_macro_difference(y, a, a, LABELS, n_resamples=50) == (0.0, 0.0, 0.0)
+    one_class = np.where(np.isnan(y), np.nan, 0.0)
+    assert np.isnan(paired_macro_difference(one_class, a, b, LABELS, n_resamples=50)).all()
 
 
 def test_shape_errors_name_the_problem():
