@@ -11,6 +11,10 @@
 3. **Distribution distance** - ``frechet_distance``: torchmetrics' FrechetInceptionDistance with a
    custom feature extractor; by default the real-trained classifier's globally pooled last conv
    features (``ClassifierFeatures``).
+4. **Prompt adherence** - ``prompt_adherence``: per finding, the AUC of the REAL-trained disease
+   classifier's score between the generated images whose prompt named the finding and the rest
+   (0.5: the prompt changes nothing that classifier sees). Its ceiling, ``phantom_renders``: the
+   same figure for the phantom renderer drawing the same prompts (defined for phantom data only).
 
 The entry point runs all three and logs ``view_frontal_fraction``, ``view_lateral_fraction``,
 ``memorization_fraction``, ``memorization_max_similarity``, ``memorization_mean_similarity``,
@@ -18,14 +22,19 @@ The entry point runs all three and logs ``view_frontal_fraction``, ``view_latera
 split: what new patients score - calibrate the threshold with it),
 ``memorization_fraction_above_reference`` (share of generated images closer to a training image
 than any new patient is), ``frechet_distance``, the image ``memorization/closest_pairs.png``, the
-pairs as ``memorization/pairs.json`` and the view classifier as ``classifier/model.pt``::
+pairs as ``memorization/pairs.json`` and the view classifier as ``classifier/model.pt``. With
+``--classifier_run`` also ``adherence_<label>`` and ``adherence_mean``, and when ``--real`` is a
+phantom data set ``adherence_ceiling_<label>`` and ``adherence_ceiling_mean`` (else a
+``harness.adherence_ceiling`` tag says why not)::
 
     python -m harness.checks --generated chexpert:outputs/generated/<run>/CheXpert-v1.0-small --real phantom
     mlflow run . -e checks -P generated=chexpert:<dir> --env-manager local
 
-``--classifier_run RUN_ID`` takes the FID features from a run that logged ``classifier/model.pt``
-(``log_classifier``), e.g. a disease classifier trained on the real data; without it the view
-classifier's features are used (they know anatomy and projection, little about disease).
+``--classifier_run RUN_ID`` takes the FID features and the adherence scores from a run that logged
+``classifier/model.pt`` (``log_classifier``), e.g. a disease classifier trained on the real data
+(the pipeline passes its real baseline); without it the view classifier's features are used (they
+know anatomy and projection, little about disease) and adherence is skipped (tag
+``harness.adherence``).
 
 Images are compared as the classifiers see them: ``ImageDataset`` grey tensors in [-1, 1].
 """
@@ -53,10 +62,12 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from harness import tracking
 from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
                                 log_classifier, predict, save_classifier, train_classifier)
+from harness.classify import snake
 from harness.cli import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table
-from harness.data.datasets import SPLITS
-from harness.metrics import per_label_auc
+from harness.data.datasets import SPLITS, image_tensor
+from harness.data.phantom import phantom_params
+from harness.metrics import nan_mean, per_label_auc
 
 VIEW_LABEL = "lateral"  # the view classifier's one output: P(lateral)
 CACHE_VERSION = 1  # bump when a cached view classifier would no longer be what the code trains
@@ -102,16 +113,18 @@ def _batches(pixels: torch.Tensor, batch_size: int):
         yield pixels[start:start + batch_size]
 
 
-def generated_table(spec: str | DataSpec) -> pd.DataFrame:
+def generated_table(spec: str | DataSpec, labels=()) -> pd.DataFrame:
     """Every image of a generated data set, all views: each split a chexpert folder has a csv for
-    (harness.generate writes train.csv and valid.csv), the train split of other formats."""
+    (harness.generate writes train.csv and valid.csv), the train split of other formats; with the
+    ``labels`` columns (the prompts' labels)."""
     spec = DataSpec.parse(spec)
     resolved = spec.resolve()
     splits = [s for s in SPLITS if resolved.format != "chexpert" or (resolved.path / f"{s}.csv").is_file()]
     if not splits:
         raise FileNotFoundError(f"generated data {spec}: no train.csv, valid.csv or test.csv in {resolved.path}")
-    table = pd.concat([load_table(spec, s, views="all", labels=[]) for s in splits], ignore_index=True)
-    table.attrs = {"spec": str(spec), "splits": splits, "labels": []}
+    labels = list(labels)
+    table = pd.concat([load_table(spec, s, views="all", labels=labels) for s in splits], ignore_index=True)
+    table.attrs = {"spec": str(spec), "splits": splits, "labels": labels}
     return table
 
 
@@ -175,14 +188,19 @@ def train_view_classifier(real_spec, resolution: int = 64, epochs: int = 4, seed
 
 
 @torch.no_grad()
+def _scores(model: nn.Module, pixels: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """A classifier's sigmoid scores [N, L] (on the model's device)."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([torch.sigmoid(model(b.to(device))).float().cpu() for b in _batches(pixels, batch_size)]).numpy()
+
+
 def view_fraction(model: nn.Module, images, resolution: int = 64, batch_size: int = 64,
                   threshold: float = 0.5) -> dict:
     """Shares of ``images`` the view classifier calls frontal / lateral (P(lateral) >= threshold)."""
     images = load_images(images, resolution)
-    model.eval()
-    device = next(model.parameters()).device
-    p = torch.cat([torch.sigmoid(model(b.to(device)))[:, 0].cpu() for b in _batches(images.pixels, batch_size)])
-    lateral = float((p >= threshold).float().mean())
+    p = _scores(model, images.pixels, batch_size)[:, 0]
+    lateral = float((p >= threshold).mean())
     return {"frontal_fraction": 1.0 - lateral, "lateral_fraction": lateral, "n_images": len(images)}
 
 
@@ -320,6 +338,85 @@ def frechet_distance(real_images, generated_images, feature_extractor: nn.Module
     return float(fid.compute().clamp_min(0.0))
 
 
+# ------------------------------------------------------------------------------ prompt adherence
+
+
+def classifier_labels(model: nn.Module) -> list[str]:
+    """The label names a harness classifier was trained on (``log_classifier(..., labels=...)``)."""
+    labels = getattr(model, "harness_meta", {}).get("labels")
+    if not labels:
+        raise ValueError("the classifier has no label names (harness_meta['labels']); classify runs log them")
+    return list(labels)
+
+
+def _trained_resolution(model: nn.Module) -> int:
+    return int(model.harness_meta.get("resolution", 64))  # classify runs that did not log it trained at 64
+
+
+def prompt_adherence(model: nn.Module, generated, images=None, batch_size: int = 64) -> dict[str, float]:
+    """Per label of ``model`` (a classifier trained on REAL images): the AUC of its score for the
+    label between the generated images whose prompt named the label and those whose prompt did
+    not. 0.5 means the prompt changes nothing that classifier sees; nan (with a warning) for a
+    label that the prompts always or never name.
+
+    It is the standard per-label AUC - positives against every image without the finding, other
+    findings included - so it reads like the classifier's per-label AUC on real data, and an
+    image prompted with edema that looks like effusion counts against it. (``bench.synthetic_ratio``'s
+    ``prompt_auc`` compares against the no-finding images only, which is easier: it does not ask
+    whether the findings are told apart.)
+
+    ``generated``: a data set spec, or a ``generated_table(spec, labels)`` table, whose label
+    columns are the prompts' labels. ``images``: what to score instead of the table's files, one
+    per row, in anything ``load_images`` takes (``phantom_renders`` for the ceiling). Images are
+    scored at the resolution the classifier was trained at.
+    """
+    labels = classifier_labels(model)
+    table = generated if isinstance(generated, pd.DataFrame) else generated_table(generated, labels)
+    images = load_images(table if images is None else images, _trained_resolution(model))
+    if len(images) != len(table):
+        raise ValueError(f"{len(images)} images for {len(table)} prompts")
+    return per_label_auc(table[labels].to_numpy(np.float64), _scores(model, images.pixels, batch_size), labels)
+
+
+def phantom_renders(table: pd.DataFrame, params: dict, resolution: int, seed: int = 0) -> torch.Tensor:
+    """The phantom renderer drawing a new patient for each row's prompt: its positive findings,
+    frontal rows as PA or AP at random, lateral rows as laterals; [N, 1, resolution, resolution]
+    in [-1, 1], seeded. ``params`` are the phantom's (``phantom_params``): rendered with its
+    difficulty at its stored size, then resized as the loader resizes its files, so a classifier
+    sees them as it saw the real phantom (noise drawn at the classifier's size is not averaged down)."""
+    from harness.data.phantom import DEFAULT_DIFFICULTY, DEFAULT_SIZE, render
+    from harness.pathologies import FINDINGS  # what the phantom can draw
+
+    rng = np.random.default_rng(seed)
+    size, difficulty = params.get("size", DEFAULT_SIZE), params.get("difficulty", DEFAULT_DIFFICULTY)
+    drawn = [f for f in FINDINGS if f in table.columns]
+    out = []
+    for row in table[["view", *drawn]].itertuples(index=False):
+        view = "LATERAL" if row[0] == "lateral" else ("PA", "AP")[int(rng.integers(2))]
+        image = render({f: v == 1.0 for f, v in zip(drawn, row[1:])}, view, rng, size, difficulty)
+        out.append(image_tensor(Image.fromarray(image), resolution, 1))
+    return torch.stack(out)
+
+
+def _adherence(args, model: nn.Module) -> dict[str, float]:
+    """``adherence_*`` of the generated set; ``adherence_ceiling_*`` when --real is the phantom."""
+    def named(prefix, per_label):
+        return {f"{prefix}_{snake(l)}": v for l, v in per_label.items()} | {f"{prefix}_mean": nan_mean(per_label)}
+
+    try:
+        table = generated_table(args.generated, classifier_labels(model))
+    except ValueError as err:  # not a disease classifier of the generated set's labels, e.g. a view classifier
+        mlflow.set_tag("harness.adherence", f"skipped: {err}"[:5000])
+        return {}
+    metrics = named("adherence", prompt_adherence(model, table))
+    params = phantom_params(DataSpec.parse(args.real).resolve().path)
+    if params is None:
+        mlflow.set_tag("harness.adherence_ceiling", f"skipped: {args.real} is not a phantom data set")
+        return metrics
+    renders = phantom_renders(table, params, _trained_resolution(model), args.seed)
+    return metrics | named("adherence_ceiling", prompt_adherence(model, table, renders))
+
+
 # ------------------------------------------------------------------------------------ entry point
 
 
@@ -329,7 +426,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real", default="phantom", help="the real data set the model was fine-tuned on")
     p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"],
                    help="views of the real train split that were fine-tuned on (memorization and FID reference)")
-    p.add_argument("--classifier_run", default="", help="run whose classifier/model.pt gives the FID features")
+    p.add_argument("--classifier_run", default="",
+                   help="run whose classifier/model.pt (trained on real images) gives the FID features and "
+                        "scores prompt adherence")
     p.add_argument("--resolution", type=int_arg, default=64)
     p.add_argument("--view_epochs", type=int_arg, default=4)
     p.add_argument("--batch_size", type=int_arg, default=32)
@@ -381,9 +480,12 @@ def run_checks(args) -> dict[str, float]:
                     | {"generated": gen.paths, "nn_similarity": mem["similarities"]}, "memorization/pairs.json")
     mlflow.log_image(closest_pairs_figure(mem["pairs"], args.n_pairs), "memorization/closest_pairs.png")
 
+    adherence = {}
     if extractor_model is not None:
         mlflow.set_tag("harness.feature_extractor", f"run {args.classifier_run} {CLASSIFIER_ARTIFACT}")
+        adherence = _adherence(args, extractor_model.to(device))
     else:
+        mlflow.set_tag("harness.adherence", "skipped: no --classifier_run")
         extractor_model = view_model
         mlflow.set_tag("harness.feature_extractor", "view classifier")
     features = ClassifierFeatures(extractor_model.cpu(), size=res).to(device)
@@ -397,7 +499,7 @@ def run_checks(args) -> dict[str, float]:
                "memorization_reference_fraction": reference["fraction_above"],
                "memorization_fraction_above_reference": float(np.mean(np.array(mem["similarities"])
                                                                       > reference["max_similarity"])),
-               "frechet_distance": fd}
+               "frechet_distance": fd, **adherence}
     mlflow.log_metrics(metrics)
     print(json.dumps(metrics, indent=2))
     return metrics

@@ -23,13 +23,15 @@ replacement; r = 0 is ``--train`` alone, r = 1 real images alone at the same siz
 
 Logged (names shared by every classify run, so the MLflow UI compares them): per label ``auc_<l>``,
 ``auc_<l>_ci_low`` / ``_ci_high`` (stratified bootstrap, ``harness.evaluate``), ``acc_<l>`` (score
->= 0.5) and ``auc_macro`` / ``acc_macro``, with ``<l>`` the label in snake case
-(``auc_pleural_effusion``); per epoch ``train_loss``, ``valid_loss``, ``valid_auc_macro``,
-``valid_auc_<l>``; artifacts ``roc.png`` and ``predictions.csv`` (path, patient, study, view, then
+>= 0.5), ``bal_acc_<l>`` (balanced accuracy at 0.5: the mean of sensitivity and specificity, which
+unlike accuracy does not reward predicting a rare finding's absence) and ``auc_macro`` /
+``acc_macro`` / ``bal_acc_macro``, with ``<l>`` the label in snake case (``auc_pleural_effusion``);
+per epoch ``train_loss``, ``valid_loss``, ``valid_auc_macro``, ``valid_auc_<l>``; artifacts ``roc.png`` and ``predictions.csv`` (path, patient, study, view, then
 ``target_<l>`` and ``score_<l>``: every figure can be recomputed from it). A label with one class
 in the test split gets nan metrics and a ``harness.warning.auc_<l>`` tag. With ``--baseline_run``:
 ``auc_diff_<l>`` = this run's AUC minus the baseline's on the same images, with its paired CI, and
-``auc_diff_macro``.
+``auc_diff_macro``. ``macro_auc_difference`` gives the same paired comparison of the macro AUC
+between any two classify runs from their ``predictions.csv`` (the pipeline's arm differences).
 
 Models: ``small_cnn`` (default, CPU) or ``densenet`` (torchxrayvision's DenseNet-121, randomly
 initialised: nothing is downloaded; pretrained xrv weights would only be used if present locally,
@@ -60,8 +62,9 @@ from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, pr
 from harness.cli import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.datasets import META_COLUMNS
-from harness.evaluate import bootstrap_auc, paired_difference, per_label_accuracy
-from harness.metrics import macro_auc, per_label_auc
+from harness.evaluate import (bootstrap_auc, paired_difference, paired_macro_difference, per_label_accuracy,
+                              per_label_balanced_accuracy)
+from harness.metrics import macro_auc, nan_mean, per_label_auc
 
 PREDICTIONS = "predictions.csv"
 PREDICTION_META = ["path", "patient", "study", "view"]
@@ -185,15 +188,20 @@ def _loader(table, labels, args, shuffle: bool):
 # -------------------------------------------------------------------------------------- baseline
 
 
-def load_baseline(run_id: str, test: pd.DataFrame, labels: list[str]) -> np.ndarray:
-    """The baseline run's test scores [N, L], aligned to ``test``'s rows; errors unless it scored
-    the same images with the same targets and labels."""
+def load_predictions(run_id: str) -> pd.DataFrame:
+    """A classify run's ``predictions.csv``: path, patient, study, view, ``target_<l>``, ``score_<l>``."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS, dst_path=tmp)
         except Exception as err:  # MlflowException or OSError, depending on the store
-            raise ValueError(f"baseline run {run_id} has no {PREDICTIONS} (is it a classify run?): {err}") from err
-        base = pd.read_csv(path)
+            raise ValueError(f"run {run_id} has no {PREDICTIONS} (is it a classify run?): {err}") from err
+        return pd.read_csv(path)
+
+
+def load_baseline(run_id: str, test: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """The baseline run's test scores [N, L], aligned to ``test``'s rows; errors unless it scored
+    the same images with the same targets and labels."""
+    base = load_predictions(run_id)
     names = [snake(l) for l in labels]
     missing = [c for n in names for c in (f"target_{n}", f"score_{n}") if c not in base.columns]
     if missing:
@@ -210,6 +218,19 @@ def load_baseline(run_id: str, test: pd.DataFrame, labels: list[str]) -> np.ndar
     if not np.array_equal(targets, ours, equal_nan=True):
         raise ValueError(f"baseline run {run_id} has other targets for the same test images (another --uncertain?)")
     return base[[f"score_{n}" for n in names]].to_numpy(dtype=np.float64)
+
+
+def macro_auc_difference(run_a: str, run_b: str, n_resamples: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> tuple[float, float, float]:
+    """Macro AUC of classify run a minus run b on the same test images, with its paired bootstrap
+    CI (``harness.evaluate.paired_macro_difference``): ``(diff, low, high)``."""
+    a = load_predictions(run_a)
+    names = [c.removeprefix("score_") for c in a.columns if c.startswith("score_")]
+    targets = a[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64)
+    test = pd.DataFrame({"path": a["path"], **{n: targets[:, j] for j, n in enumerate(names)}})
+    score_b = load_baseline(run_b, test, names)  # the same images, targets and labels, or an error
+    return paired_macro_difference(targets, a[[f"score_{n}" for n in names]].to_numpy(dtype=np.float64), score_b,
+                                   names, n_resamples=n_resamples, seed=seed, confidence=confidence)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -240,7 +261,8 @@ def _classify(args, run_id: str) -> dict[str, float]:
     train_s = time.perf_counter() - start
     _log_history(history, labels, run_id)
     # The selected model: checks take its features for the Frechet distance (--classifier_run).
-    log_classifier(model, architecture=args.model, n_labels=len(labels), in_channels=1, labels=labels)
+    log_classifier(model, architecture=args.model, n_labels=len(labels), in_channels=1, labels=labels,
+                   resolution=args.resolution)
 
     # The one look at the test split.
     scores, targets = predict(model, _loader(tables["test"], labels, args, shuffle=False), device)
@@ -257,7 +279,7 @@ def _classify(args, run_id: str) -> dict[str, float]:
 
 
 def score_metrics(targets, scores, labels, args) -> dict[str, float]:
-    """auc_*, their CIs and acc_*; a single-class label gets nan and a warning tag."""
+    """auc_*, their CIs, acc_* and bal_acc_*; a single-class label gets nan and a warning tag."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         aucs = per_label_auc(targets, scores, labels)
@@ -269,11 +291,12 @@ def score_metrics(targets, scores, labels, args) -> dict[str, float]:
     cis = bootstrap_auc(targets, scores, labels, n_resamples=args.n_resamples, seed=args.seed,
                         confidence=args.confidence)
     acc = per_label_accuracy(targets, scores, labels)
-    out = {"auc_macro": macro_auc(aucs), "acc_macro": macro_auc(acc)}
+    balanced = per_label_balanced_accuracy(targets, scores, labels)
+    out = {"auc_macro": macro_auc(aucs), "acc_macro": nan_mean(acc), "bal_acc_macro": nan_mean(balanced)}
     for label in labels:
         n = snake(label)
         out.update({f"auc_{n}": aucs[label], f"auc_{n}_ci_low": cis[label][0], f"auc_{n}_ci_high": cis[label][1],
-                    f"acc_{n}": acc[label]})
+                    f"acc_{n}": acc[label], f"bal_acc_{n}": balanced[label]})
     return out
 
 

@@ -9,7 +9,10 @@ Each step is the entry point's own ``main`` run as a nested MLflow run of this o
 multistep example, a step that already FINISHED with identical parameters, code and data is
 reused instead of rerun (tag ``harness.step_key``); ``--force true`` redoes everything.
 Each judged checkpoint is registered as a version of ``cxr-sd-<data>`` (``registry.register``) and
-the best one gets the ``champion`` alias (``registry.promote``).
+the best one gets the ``champion`` alias (``registry.promote``). At each judged step the first arm
+is compared with every other on the same real test images: the paired bootstrap CI of the macro-AUC
+difference (metrics ``macro_auc_diff_<first>_minus_<arm>_<step>`` with ``_ci_low`` / ``_ci_high``,
+table ``arm_differences.md``).
 
 Steps that do not depend on each other (the arms, the real baseline) run side by side in ``--jobs``
 worker processes, each with ``cpu_count // jobs`` torch threads: small models leave cores idle, so on
@@ -120,13 +123,16 @@ def main(argv=None) -> pd.DataFrame:
     with tracking.tracked_run("pipeline", args.experiment, tags={"harness.entry_point": "pipeline"}) as run:
         tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "eval"}})
         start = time.perf_counter()
-        table = study(args)
+        table, differences = study(args)
         if args.arms.strip():
             _promote(model_name(args.data), args.promote_margin)
         mlflow.log_metric("pipeline_seconds", time.perf_counter() - start)
         mlflow.log_table(table.reset_index(), "comparison.json")
         mlflow.log_text(table.to_markdown(floatfmt=".3f"), "comparison.md")
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+        if not differences.empty:
+            mlflow.log_text(differences.to_markdown(floatfmt=".3f"), "arm_differences.md")
+            print(differences.to_string(float_format=lambda v: f"{v:.3f}"))
         return table
 
 
@@ -141,7 +147,8 @@ class Task:
     needs: list[str] = field(default_factory=list)
 
 
-def study(args) -> pd.DataFrame:
+def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every step; returns the write-up's table and the arms' paired differences."""
     classify_common = ["--test", args.data, "--model", args.classifier, "--epochs", str(args.epochs),
                        "--seed", str(args.seed)]
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -180,6 +187,22 @@ def study(args) -> pd.DataFrame:
             rows[f"{arm} @ {step}"] = {**_row(done[f"classify/{at}"]), **_checks_row(done[f"checks/{at}"])}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
+    return table, arm_differences(arms, args.eval, done, args.seed)
+
+
+def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], seed: int) -> pd.DataFrame:
+    """Macro AUC of the first arm minus each other arm at each step, paired on the same real test
+    images, with its 95% bootstrap CI; logged as metrics of the active run."""
+    rows = {}
+    for step in steps:
+        for first, arm in ((arms[0], other) for other in arms[1:]):
+            diff, low, high = classify.macro_auc_difference(done[f"classify/{first}/{step}"],
+                                                            done[f"classify/{arm}/{step}"], seed=seed)
+            name = f"macro_auc_diff_{first}_minus_{arm}_{step}"
+            mlflow.log_metrics({name: diff, f"{name}_ci_low": low, f"{name}_ci_high": high})
+            rows[f"{first} - {arm} @ {step}"] = {"macro AUC difference": diff, "CI low": low, "CI high": high}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["macro AUC difference", "CI low", "CI high"])
+    table.index.name = "arms"
     return table
 
 
@@ -261,19 +284,24 @@ def _gcd(steps: list[int]) -> int:
 
 
 def _checks_row(run_id: str) -> dict:
-    """What the write-up judged by eye: view mix, near-copies of training images, distance."""
+    """What the write-up judged by eye: view mix, near-copies of training images, distance, and
+    whether the images show their prompts (with the phantom renderer's ceiling)."""
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {"frontal fraction": metrics.get("view_frontal_fraction", float("nan")),
             "memorized fraction": metrics.get("memorization_fraction", float("nan")),
-            "Frechet distance": metrics.get("frechet_distance", float("nan"))}
+            "Frechet distance": metrics.get("frechet_distance", float("nan")),
+            "prompt adherence": metrics.get("adherence_mean", float("nan")),
+            "adherence ceiling": metrics.get("adherence_ceiling_mean", float("nan"))}
 
 
 def _row(run_id: str) -> dict:
-    """The write-up's columns from a classify run: per-disease AUC, macro AUC, accuracy."""
+    """The write-up's columns from a classify run: per-disease AUC, macro AUC, accuracy and
+    balanced accuracy (accuracy at 0.5 mostly reflects the labels' prevalence)."""
     metrics = MlflowClient().get_run(run_id).data.metrics
     row = {label: metrics.get(f"auc_{classify.snake(label)}", float("nan")) for label in FINDINGS}
     row["macro AUC"] = metrics.get("auc_macro", float("nan"))
     row["accuracy"] = metrics.get("acc_macro", float("nan"))
+    row["balanced accuracy"] = metrics.get("bal_acc_macro", float("nan"))
     return row
 
 

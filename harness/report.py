@@ -4,15 +4,19 @@
     mlflow run . -e report --env-manager local
     MLFLOW_TRACKING_URI=http://server:5000 python -m harness.report   # from a laptop
 
-It recomputes nothing and loads no weights: the figures are the tags of the registered versions
-(``registry.register``), the metrics of the runs behind them and their logged images. It writes to
+It trains nothing and loads no weights: the figures are the tags of the registered versions
+(``registry.register``), the metrics of the runs behind them and their logged images; the one it
+computes, the arms' paired macro-AUC differences, comes from their classify runs' logged
+predictions (a bootstrap, seconds). It writes to
 ``reports/`` (Markdown, HTML with the plots embedded, CSV) and logs the same files as the artifacts
 of a ``report`` run:
 
 - the write-up's table: real images and each arm x checkpoint; per-disease AUC [95% CI], macro
-  AUC and accuracy, the best value per column in bold;
-- the checks the write-up did by eye (view fraction, memorization, Frechet distance) with the
-  training time and throughput;
+  AUC, accuracy and balanced accuracy, the best value per column in bold;
+- the first arm's macro AUC minus each other arm's at the same step, paired on the same test
+  images, with its 95% bootstrap CI;
+- the checks the write-up did by eye (view fraction, memorization, Frechet distance) and prompt
+  adherence with its phantom ceiling, with the training time and throughput;
 - the champion and its promotion history;
 - plots: per-disease AUC bars with CIs, macro AUC against steps per arm, loss curves, sample grids;
 - for each Optuna study (``harness.tune``): its trials with their parameters, validation AUC and
@@ -39,18 +43,21 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness import tracking  # noqa: E402
-from harness.classify import snake  # noqa: E402
+from harness.classify import macro_auc_difference, snake  # noqa: E402
 from harness.cli import bool_arg  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402
 from registry.promote import ALIAS, history  # noqa: E402
 from registry.register import CHECKS_METRICS, MODEL_PREFIX, value  # noqa: E402
 
 REAL = "real images"
+DIFFERENCES_TITLE = "Macro AUC differences between arms (paired on the same test images, 95% bootstrap CI)"
 ARM_ORDER = ("dreambooth", "text_encoder", "unet_text_encoder")
 # Columns of the second table, with whether lower is better (for the bold marks).
 CHECK_COLUMNS = {"frontal fraction": ("view_frontal_fraction", False),
                  "memorized fraction": ("memorization_fraction", True),
-                 "Frechet distance": ("frechet_distance", True)}
+                 "Frechet distance": ("frechet_distance", True),
+                 "prompt adherence": ("adherence_mean", False),
+                 "adherence ceiling": ("adherence_ceiling_mean", False)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,7 +124,8 @@ def _label(v) -> str:
 
 
 def auc_table(study: dict) -> pd.DataFrame:
-    """Numbers of the write-up's table: per-disease AUC with CI bounds, macro AUC, accuracy."""
+    """Numbers of the write-up's table: per-disease AUC with CI bounds, macro AUC, accuracy,
+    balanced accuracy."""
     rows = {}
     if study["baseline"] is not None:
         rows[REAL] = _figures(lambda k: study["baseline"].data.metrics.get(k))
@@ -135,11 +143,35 @@ def _figures(get) -> dict:
             out[f"{label}{suffix}"] = _num(get(f"auc_{snake(label)}{suffix}"))
     out["macro AUC"] = _num(get("auc_macro"))
     out["accuracy"] = _num(get("acc_macro"))
+    out["balanced accuracy"] = _num(get("bal_acc_macro"))
     return out
 
 
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
+
+
+def arm_differences(study: dict) -> pd.DataFrame:
+    """The first arm's macro AUC minus each other arm's at each step both have a version, paired
+    on the same test images (``classify.macro_auc_difference`` of their classify runs, seed 0 as
+    the pipeline's default)."""
+    at = {}
+    for v in study["versions"]:  # the newest version of an arm @ step comes first
+        at.setdefault((v.tags.get("arm", "?"), v.tags.get("step", "?")), v)
+    first = next(iter(at), ("?", "?"))[0]
+    rows = {}
+    for (arm, step), v in at.items():
+        base = at.get((first, step))
+        if arm == first or base is None:
+            continue
+        try:
+            diff, low, high = macro_auc_difference(base.tags["classify_run_id"], v.tags["classify_run_id"])
+        except (KeyError, ValueError):  # no classify run with predictions (registered by hand), other test images
+            continue
+        rows[f"{first} - {arm} @ {step}"] = {"macro AUC difference": diff, "CI low": low, "CI high": high}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["macro AUC difference", "CI low", "CI high"])
+    table.index.name = "arms"
+    return table
 
 
 def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
@@ -178,16 +210,19 @@ def tuning_tables(experiment_ids: list[str]) -> dict[str, dict]:
             "learning_rate": pd.to_numeric(trials.get("params.learning_rate")),
             "steps": pd.to_numeric(trials.get("params.steps")),
             "valid macro AUC": trials.get("metrics.valid_auc_macro"),
+            "prompt adherence": trials.get("metrics.adherence_mean"),  # the value with --objective adherence
             # Optuna's state where its callback recorded one, else how the trial's run ended.
             "state": trials.get("tags.state", pd.Series(index=trials.index, dtype=str)).fillna(trials["status"]),
             "run": trials["run_id"].str[:8],
         }).sort_values("trial").reset_index(drop=True) if not trials.empty else pd.DataFrame()
+        if "prompt adherence" in table and table["prompt adherence"].isna().all():
+            table = table.drop(columns="prompt adherence")  # a study of the default objective
         workers = group[group["tags.harness.entry_point"] == "tune"] if "tags.harness.entry_point" in group \
             else group.iloc[0:0]
         latest = workers.sort_values("start_time").iloc[-1] if not workers.empty else None
         summary = {}
         if latest is not None:
-            for key in ("metrics.best_valid_auc_macro", "metrics.test_auc_macro", "params.best_learning_rate",
+            for key in ("metrics.best_valid_auc_macro", "metrics.best_adherence_mean", "metrics.test_auc_macro", "params.best_learning_rate",
                         "params.best_steps", "params.best_trial", "tags.harness.tune.registered"):
                 if key in latest and pd.notna(latest[key]):
                     summary[key.split(".", 1)[1].replace("harness.tune.", "")] = latest[key]
@@ -199,15 +234,19 @@ def tuning_tables(experiment_ids: list[str]) -> dict[str, dict]:
     return studies
 
 
-def plot_tuning(trials: pd.DataFrame, path: Path) -> Path:
+TUNING_VALUES = {"valid macro AUC": "macro AUC on the real valid split",
+                 "prompt adherence": "mean prompt adherence"}  # a study's objective -> axis label
+
+
+def plot_tuning(trials: pd.DataFrame, path: Path, column: str = "valid macro AUC") -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for state, group in trials.groupby("state"):
-        axes[0].scatter(group["learning_rate"], group["valid macro AUC"], label=state)
-        axes[1].scatter(group["steps"], group["valid macro AUC"], label=state)
+        axes[0].scatter(group["learning_rate"], group[column], label=state)
+        axes[1].scatter(group["steps"], group[column], label=state)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("learning rate")
     axes[1].set_xlabel("fine-tuning steps")
-    axes[0].set_ylabel("macro AUC on the real valid split")
+    axes[0].set_ylabel(TUNING_VALUES[column])
     axes[1].legend(fontsize=8)
     return _save(fig, path)
 
@@ -225,7 +264,7 @@ def _bold_best(values: pd.Series, lower_is_better: bool = False) -> pd.Series:
 def display_auc(table: pd.DataFrame, bold) -> pd.DataFrame:
     """'0.812 [0.751, 0.866]' cells; ``bold(text)`` marks the best per column."""
     out = pd.DataFrame(index=table.index)
-    for column in FINDINGS + ["macro AUC", "accuracy"]:
+    for column in FINDINGS + ["macro AUC", "accuracy", "balanced accuracy"]:
         best = _bold_best(table[column])
         cells = []
         for row in table.index:
@@ -356,7 +395,9 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
             raise ValueError(f"registered model {name!r} has no evaluated versions")
         slug = name
         auc, checks, hist = auc_table(study), checks_table(client, study), history_table(study)
-        for frame, stem in ((auc, "auc"), (checks, "checks"), (hist, "champion_history")):
+        differences = arm_differences(study)
+        for frame, stem in ((auc, "auc"), (differences, "arm_differences"), (checks, "checks"),
+                            (hist, "champion_history")):
             path = out / f"{slug}_{stem}.csv"
             frame.to_csv(path, index=stem != "champion_history")
             written.append(path)
@@ -375,8 +416,10 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
                f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
                "No real baseline is linked to these classify runs (`--baseline_run`).", "",
                "### AUC on the real test split (95% bootstrap CI; best per column in bold)", "",
-               display_auc(auc, lambda t: f"**{t}**").to_markdown(), "",
-               "### Checks, training time and throughput", "",
+               display_auc(auc, lambda t: f"**{t}**").to_markdown(), ""]
+        if not differences.empty:
+            md += [f"### {DIFFERENCES_TITLE}", "", differences.to_markdown(floatfmt=".3f"), ""]
+        md += ["### Checks, training time and throughput", "",
                display_checks(checks, lambda t: f"**{t}**").to_markdown(), "",
                "### Champion history", "",
                hist.to_markdown(index=False) if not hist.empty else "no promotion yet", ""]
@@ -386,8 +429,11 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
         bold = lambda t: f"<b>{t}</b>"  # noqa: E731
         body += [f"<h2>{html.escape(name)}</h2>", f"<p>Champion: {html.escape(champ_text)}</p>",
                  "<h3>AUC on the real test split (95% bootstrap CI; best per column in bold)</h3>",
-                 display_auc(auc, bold).to_html(escape=False, index_names=False),
-                 "<h3>Checks, training time and throughput</h3>",
+                 display_auc(auc, bold).to_html(escape=False, index_names=False)]
+        if not differences.empty:
+            body += [f"<h3>{html.escape(DIFFERENCES_TITLE)}</h3>",
+                     differences.to_html(index_names=False, float_format=lambda x: f"{x:.3f}")]
+        body += ["<h3>Checks, training time and throughput</h3>",
                  display_checks(checks, bold).to_html(escape=False, index_names=False),
                  "<h3>Champion history</h3>",
                  hist.to_html(index=False) if not hist.empty else "<p>no promotion yet</p>"]
@@ -405,10 +451,11 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
         md += [f"### Study {study_name}", "", facts, "", trials.to_markdown(index=False, floatfmt=".4g"), ""]
         body += [f"<h3>Study {html.escape(study_name)}</h3>", f"<p>{html.escape(facts)}</p>",
                  trials.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
-        if not trials.empty and trials["valid macro AUC"].notna().any():
-            plot = plot_tuning(trials, out / f"{slug}.png")
+        column = next((c for c in TUNING_VALUES if c in trials and trials[c].notna().any()), None)
+        if column is not None:
+            plot = plot_tuning(trials, out / f"{slug}.png", column)
             written.append(plot)
-            md += [f"![AUC against learning rate and steps]({plot.name})", ""]
+            md += [f"![{column} against learning rate and steps]({plot.name})", ""]
             body += [_img(plot)]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(HTML.format(body="\n".join(body)))

@@ -5,8 +5,11 @@ on a log scale and a step count drawn from a range; at every ``--eval_every`` ch
 generates a synthetic data set (``harness.generate``) and trains a classifier on it
 (``harness.classify``), scored on the real data's VALID split. That macro AUC is the trial's
 intermediate value (a ``MedianPruner`` stops hopeless trials early) and, at the last step, its
-objective. The test split is never used while tuning: once the study is done, the best trial's
-synthetic data alone is scored on it, and its checkpoint is registered.
+objective. ``--objective adherence`` judges a checkpoint by its images' prompt adherence instead
+(``harness.checks.prompt_adherence`` under one classifier trained on the real train split for the
+whole study): no classifier training per checkpoint, so judging and pruning cost seconds. The test
+split is never used while tuning: once the study is done, the best trial's synthetic data alone is
+scored on it (a classifier trained on it, whatever the objective), and its checkpoint is registered.
 
     python -m harness.tune --arm dreambooth --n_trials 12                  # SQLite file, one worker
     mlflow run . -e tune -P arm=text_encoder --env-manager local
@@ -46,11 +49,14 @@ from optuna.trial import TrialState
 from optuna_integration import MLflowCallback
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflowCallback looks for a trial's run
 
-from harness import classify, finetune, generate, tracking
+from harness import checks, classify, finetune, generate, tracking
+from harness.classifier import classifier_from_run
 from harness.cli import bool_arg, int_arg
+from harness.metrics import nan_mean
 
-OBJECTIVE = "valid_auc_macro"  # the trial's value, as Optuna's MLflow callback logs it
-CHECKPOINT_METRIC = "checkpoint_valid_auc_macro"  # per checkpoint, step = fine-tuning step
+# --objective -> the trial's value as Optuna's MLflow callback logs it; per checkpoint it is logged
+# as checkpoint_<name> (step = fine-tuning step)
+OBJECTIVES = {"auc": "valid_auc_macro", "adherence": "adherence_mean"}
 TAG = "harness.tune."
 
 
@@ -59,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arm", required=True, choices=sorted(finetune.ARMS))
     p.add_argument("--data", default="phantom", help="real data: FORMAT:PATH or 'phantom' (train, valid and test)")
     p.add_argument("--pretrained_model", default="base")
-    p.add_argument("--study_name", default="", help="default: <arm>-<data>; workers sharing a study use the same")
+    p.add_argument("--study_name", default="",
+                   help="default: <arm>-<data> (-adherence with that objective); workers sharing a study use the same")
     p.add_argument("--storage", default="sqlite:///optuna.db",
                    help="an SQLAlchemy URL: a local SQLite file (default, no server) or postgresql://... "
                         "for several workers")
@@ -85,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int_arg, default=0, help="fine-tuning, generation and classifier seed (every trial)")
     p.add_argument("--sampler_seed", type=int_arg, default=-1,
                    help="TPE sampler seed; -1 = a fresh one per worker (workers with one seed propose the same trials)")
+    p.add_argument("--objective", default="auc", choices=sorted(OBJECTIVES),
+                   help="what judges a checkpoint: auc = valid-split macro AUC of a classifier trained on its "
+                        "images; adherence = their prompt adherence under a real-trained classifier (seconds)")
     p.add_argument("--pruner", default="median", choices=["median", "none"])
     p.add_argument("--n_startup_trials", type=int_arg, default=2, help="trials finished before pruning starts")
     p.add_argument("--heartbeat_interval", type=int_arg, default=60, help="seconds between a running trial's heartbeats")
@@ -109,7 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("n_trials and heartbeat_interval must be positive, max_retry not negative")
     if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", args.storage):
         p.error(f"--storage {args.storage!r}: expected an SQLAlchemy URL, sqlite:///FILE or postgresql://...")
-    args.study_name = args.study_name or f"{args.arm}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.data).strip('_')}"
+    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.data).strip("_")
+    suffix = "" if args.objective == "auc" else f"-{args.objective}"  # a study has one objective
+    args.study_name = args.study_name or f"{args.arm}-{data}{suffix}"
     return args
 
 
@@ -198,10 +210,10 @@ class TrialRunCallback(MLflowCallback):
     the run under the trial's number and ends it FINISHED; the run's own name and end status
     (FAILED for a crashed trial) are put back."""
 
-    def __init__(self):
+    def __init__(self, metric_name: str):
         with warnings.catch_warnings():  # deprecated in optuna-integration 4.9, removed in 6.0 (pinned: 5.0)
             warnings.simplefilter("ignore", FutureWarning)
-            super().__init__(metric_name=OBJECTIVE, create_experiment=False, mlflow_kwargs={"nested": True})
+            super().__init__(metric_name=metric_name, create_experiment=False, mlflow_kwargs={"nested": True})
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         client = MlflowClient()
@@ -215,14 +227,22 @@ class TrialRunCallback(MLflowCallback):
 # --------------------------------------------------------------------------------- one trial
 
 
-def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, str]:
-    """Generate from the checkpoint at ``step`` and train a classifier on it; returns its macro
-    AUC on the real VALID split, and the generate and classify run ids."""
+def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, str | None]:
+    """Generate from the checkpoint at ``step`` and judge the images by ``--objective``: the macro
+    AUC on the real VALID split of a classifier trained on them, or their mean prompt adherence
+    under ``args.adherence_classifier_run``. Returns the value, the generate and the classify run
+    id (None for adherence: no classifier is trained)."""
     threads = ["--threads", str(args.threads)] if args.threads else []
     gen = generate.main(["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
                          "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
                          *threads])
     synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
+    if args.objective == "adherence":
+        adherence = nan_mean(checks.prompt_adherence(classifier_from_run(args.adherence_classifier_run), synthetic))
+        if not math.isfinite(adherence):
+            raise ValueError(f"prompt adherence of {synthetic} is {adherence}: no finding is both named and not "
+                             "named by its prompts; generate more images")
+        return adherence, gen, None
     judged = classify.main(["--train", synthetic, "--test", args.data, "--test_split", "valid",
                             "--model", args.classifier, "--epochs", str(args.epochs), "--seed", str(args.seed),
                             *threads])
@@ -253,14 +273,15 @@ def make_objective(args, study_run_id: str):
 
             def on_checkpoint(step: int, finetune_run: str) -> bool:
                 nonlocal pruned_at
-                auc, gen, judged = score_checkpoint(args, finetune_run, step)
-                values[step] = auc
+                value, gen, judged = score_checkpoint(args, finetune_run, step)
+                values[step] = value
                 client = MlflowClient()  # the active run is the fine-tune's: address the trial's by id
-                client.log_metric(run_id, CHECKPOINT_METRIC, auc, step=step)
+                client.log_metric(run_id, f"checkpoint_{OBJECTIVES[args.objective]}", value, step=step)
                 client.set_tag(run_id, f"{TAG}generate_run.{step:06d}", gen)
-                client.set_tag(run_id, f"{TAG}classify_run.{step:06d}", judged)
+                if judged:
+                    client.set_tag(run_id, f"{TAG}classify_run.{step:06d}", judged)
                 trial.set_user_attr("generate_runs", {**trial.user_attrs.get("generate_runs", {}), str(step): gen})
-                trial.report(auc, step)
+                trial.report(value, step)
                 if step < steps and trial.should_prune():
                     pruned_at = step
                     return True  # finetune stops here; its run FINISHES at this step
@@ -285,7 +306,8 @@ def make_objective(args, study_run_id: str):
                 trial.set_user_attr("saved_seconds", saved)
                 mlflow.log_metrics({"pruning_saved_seconds": saved, "pruning_saved_steps": steps - pruned_at})
         if pruned_at is not None:
-            raise optuna.TrialPruned(f"macro AUC {values[pruned_at]:.3f} at step {pruned_at} is below the median")
+            raise optuna.TrialPruned(f"{OBJECTIVES[args.objective]} {values[pruned_at]:.3f} at step {pruned_at} "
+                                     "is below the median")
         return values[steps]
 
     return objective
@@ -303,8 +325,11 @@ def main(argv=None) -> str:
                                     TAG + "storage": _redact(args.storage)}) as run:
         tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "storage"}})
         study = open_study(args)
+        if args.objective == "adherence":
+            args.adherence_classifier_run = adherence_classifier(study, args)
         start, ran = time.perf_counter(), 0
-        objective, callbacks = make_objective(args, run.info.run_id), [TrialRunCallback()]
+        objective = make_objective(args, run.info.run_id)
+        callbacks = [TrialRunCallback(OBJECTIVES[args.objective])]
         # One trial per optimize call, checking the budget first: Optuna's MaxTrialsCallback checks
         # after a trial and counts only finished ones, so parallel workers would overshoot.
         while True:
@@ -320,6 +345,20 @@ def main(argv=None) -> str:
         mlflow.log_metrics({"worker_trials": ran, "trials_per_hour": ran / hours if hours > 0 else 0.0})
         summarize(study, args)
         return run.info.run_id
+
+
+def adherence_classifier(study: optuna.Study, args) -> str:
+    """The classify run whose real-trained classifier scores prompt adherence: one per study (a
+    study attribute, so workers and resumes share it), the pipeline's real baseline (train split,
+    model selection on the valid split; the test AUC it logs is not used by the study)."""
+    run_id = study.user_attrs.get("adherence_classifier_run")
+    if run_id is None:
+        threads = ["--threads", str(args.threads)] if args.threads else []
+        run_id = classify.main(["--train", args.data, "--test", args.data, "--model", args.classifier,
+                                "--epochs", str(args.epochs), "--seed", str(args.seed), *threads])
+        study.set_user_attr("adherence_classifier_run", run_id)
+    mlflow.set_tag(TAG + "adherence_classifier_run", run_id)
+    return run_id
 
 
 def summarize(study: optuna.Study, args) -> None:
@@ -347,9 +386,10 @@ def summarize(study: optuna.Study, args) -> None:
         return
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
-    mlflow.log_metric(f"best_{OBJECTIVE}", best.value)
+    name = OBJECTIVES[args.objective]
+    mlflow.log_metric(f"best_{name}", best.value)
     mlflow.set_tag(TAG + "best_trial_run", best.system_attrs.get(RUN_ID_ATTRIBUTE_KEY, ""))
-    print(f"[tune] best trial {best.number}: {OBJECTIVE} {best.value:.4f} with {best.params}")
+    print(f"[tune] best trial {best.number}: {name} {best.value:.4f} with {best.params}")
     if counts["running"]:
         print(f"[tune] {counts['running']} trial(s) still running: the last worker to finish scores the best "
               "trial on the test split")

@@ -7,8 +7,11 @@ whichever arm made it. A version's tags say where it came from and what it is wo
 
 - ``arm``, ``step``, ``data``, ``source_model`` (the checkpoint's logged-model URI);
 - ``finetune_run_id``, ``generate_run_id``, ``classify_run_id``, ``checks_run_id``;
-- the classify run's ``auc_<label>`` (with ``_ci_low``/``_ci_high``), ``auc_macro``, ``acc_macro``;
-- the checks run's ``view_frontal_fraction``, ``memorization_fraction``, ``frechet_distance``.
+- the classify run's ``auc_<label>`` (with ``_ci_low``/``_ci_high``), ``auc_macro``, ``acc_*`` and
+  ``bal_acc_*`` (balanced accuracy);
+- the checks run's ``view_frontal_fraction``, ``memorization_fraction``, ``frechet_distance`` and
+  prompt adherence: ``adherence_<label>``, ``adherence_mean`` and, for phantom data, the
+  renderer's ceiling ``adherence_ceiling_<label>`` / ``adherence_ceiling_mean``.
 
 Everything is checked before anything is written, and the version is created with its tags in
 one call: a bad input leaves no half-written entry. Registering the same checkpoint again
@@ -31,9 +34,11 @@ from mlflow.tracking import MlflowClient
 MODEL_PREFIX = "cxr-sd"
 CHECKPOINT_TAG = "harness.checkpoint.{step:06d}"  # set by harness.finetune on each checkpoint
 SOURCE_TAG = "source_model"
-# What promotion and the report read. Classify metrics: per-label AUC with CIs, macro AUC/accuracy.
-CLASSIFY_METRIC = re.compile(r"^(auc_[a-z_]+?(_ci_low|_ci_high)?|acc_[a-z_]+)$")
+# What promotion and the report read. Classify metrics: per-label AUC with CIs, macro AUC, accuracy
+# and balanced accuracy; checks metrics: the view mix, near-copies, distance and prompt adherence.
+CLASSIFY_METRIC = re.compile(r"^(auc_[a-z_]+?(_ci_low|_ci_high)?|(bal_)?acc_[a-z_]+)$")
 CHECKS_METRICS = ("view_frontal_fraction", "memorization_fraction", "frechet_distance")
+CHECKS_METRIC = re.compile(rf"^({'|'.join(CHECKS_METRICS)}|adherence_[a-z0-9_]+)$")
 
 
 def model_name(data: str) -> str:
@@ -62,7 +67,7 @@ def evaluation_tags(client: MlflowClient, classify_run_id: str, checks_run_id: s
         raise ValueError(f"classify run {classify_run_id} has no auc_macro metric: is it a harness.classify run?")
     if checks_run_id:
         checks = _finished_run(client, checks_run_id, "checks").data.metrics
-        tags.update({k: repr(checks[k]) for k in CHECKS_METRICS if k in checks})
+        tags.update({k: repr(v) for k, v in checks.items() if CHECKS_METRIC.match(k)})
     return tags
 
 

@@ -1,7 +1,8 @@
 """The checks on generated data, on a small phantom: the view classifier tells frontal from lateral
 on held-out real images and is reused from its cache, memorization flags a re-encoded copy of a
 training image and not another patient, the Fréchet distance is 0 for a set against itself and
-grows with a shift, and the entry point logs all of it in a FINISHED run."""
+grows with a shift, prompt adherence is high for a finding the images show and 0.5 for one they
+ignore, and the entry point logs all of it in a FINISHED run."""
 
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 from scipy import linalg
+from sklearn.metrics import roc_auc_score
 
-from harness import checks
+from harness import checks, classify
+from harness.classifier import build_classifier, train_classifier
 from harness.data import load_table
 from harness.data.phantom import write_phantom
-from harness.pathologies import CHEXPERT_COLUMNS
+from harness.generate import label_cells
+from harness.pathologies import CHEXPERT_COLUMNS, FINDINGS
 
 RES = 32  # the checks at 32 px: the phantom's views and copies are plain at that size, and it is 4x faster
 FAST = ["--resolution", str(RES), "--view_epochs", "4", "--batch_size", "8", "--threads", "1"]
@@ -152,6 +156,100 @@ def test_frechet_distance_is_zero_for_a_set_and_grows_with_a_shift(phantom, view
     assert not any(p.requires_grad for p in features.parameters()) and not features.train().training
 
 
+# ------------------------------------------------------------------------------ prompt adherence
+
+TEXTBOOK = {"difficulty": 0.0, "size": 64}  # phantom_params of a phantom with plain signs
+
+
+def _prompts(label_sets) -> pd.DataFrame:
+    """A generated set's prompt table (as generated_table reads it), without files."""
+    return pd.DataFrame([{"path": f"#{i}", "view": "frontal", **{f: float(f in s) for f in FINDINGS}}
+                         for i, s in enumerate(label_sets)])
+
+
+@pytest.fixture(scope="module")
+def disease_model():
+    """A small CNN trained on textbook phantom renders of random label sets: a stand-in for the
+    real-trained classifier that sees every finding."""
+    rng = np.random.default_rng(0)
+    table = _prompts([[f for f in FINDINGS if rng.random() < 0.3] for _ in range(400)])
+    items = [{"pixel_values": x, "labels": torch.tensor(y, dtype=torch.float32)}
+             for x, y in zip(checks.phantom_renders(table, TEXTBOOK, RES, seed=1), table[FINDINGS].to_numpy())]
+    torch.manual_seed(0)
+    train = torch.utils.data.DataLoader(items[:320], batch_size=32, shuffle=True,
+                                        generator=torch.Generator().manual_seed(0))
+    model, _ = train_classifier(build_classifier("small_cnn", len(FINDINGS), in_channels=1), train,
+                                torch.utils.data.DataLoader(items[320:], batch_size=64), epochs=6, lr=3e-3,
+                                labels=FINDINGS, progress=False)
+    model.harness_meta = {"labels": FINDINGS, "resolution": RES}
+    return model
+
+
+def test_adherence_is_high_for_a_drawn_finding_and_chance_for_an_ignored_one(disease_model):
+    prompted = _prompts([["Cardiomegaly"]] * 20 + [["Edema"]] * 20 + [[]] * 20)
+    drawn = prompted.assign(Edema=0.0)  # a generator that ignores "edema"
+    images = checks.phantom_renders(drawn, TEXTBOOK, RES, seed=2)
+    with pytest.warns(RuntimeWarning, match="Consolidation"):  # never prompted: one class
+        adherence = checks.prompt_adherence(disease_model, prompted, images)
+    assert adherence["Cardiomegaly"] > 0.9
+    assert 0.3 < adherence["Edema"] < 0.7
+    assert all(np.isnan(adherence[f]) for f in ("Consolidation", "Atelectasis", "Pleural Effusion"))
+    # the standard per-label AUC: prompted with the finding against every image prompted without it
+    scores = checks._scores(disease_model, images)
+    assert adherence["Cardiomegaly"] == pytest.approx(roc_auc_score(prompted["Cardiomegaly"], scores[:, 0]))
+    # the ceiling: the renderer drawing the prompts as given
+    with pytest.warns(RuntimeWarning):
+        ceiling = checks.prompt_adherence(disease_model, prompted, checks.phantom_renders(prompted, TEXTBOOK, RES))
+    assert ceiling["Cardiomegaly"] > 0.9 and ceiling["Edema"] > 0.9
+
+
+def test_phantom_renders_are_seeded_and_shaped_like_loaded_images():
+    table = _prompts([["Cardiomegaly"], [], ["Edema", "Pleural Effusion"]])
+    renders = checks.phantom_renders(table, TEXTBOOK, RES, seed=4)
+    assert renders.shape == (3, 1, RES, RES) and -1 <= renders.min() < renders.max() <= 1
+    assert torch.equal(renders, checks.phantom_renders(table, TEXTBOOK, RES, seed=4))
+    assert not torch.equal(renders, checks.phantom_renders(table, TEXTBOOK, RES, seed=5))
+
+
+def _rendered_generated(root, label_sets) -> str:
+    """A CheXpert-layout generated set (as harness.generate writes) of phantom renders of its prompts."""
+    archive = root / "CheXpert-v1.0-small"
+    renders = checks.phantom_renders(_prompts(label_sets), TEXTBOOK, 64)
+    rows = {"train": [], "valid": []}
+    for i, (labels, pixels) in enumerate(zip(label_sets, renders)):
+        split = "valid" if i % 5 == 4 else "train"
+        rel = f"{split}/patient{i + 1:05d}/study1/view1_frontal.jpg"
+        (archive / rel).parent.mkdir(parents=True)
+        Image.fromarray(((pixels[0] + 1) * 127.5).round().byte().numpy()).save(archive / rel, quality=92)
+        rows[split].append({c: "" for c in CHEXPERT_COLUMNS} | {"Path": f"CheXpert-v1.0-small/{rel}",
+                                                               "Frontal/Lateral": "Frontal", **label_cells(labels)})
+    for split, split_rows in rows.items():
+        pd.DataFrame(split_rows, columns=CHEXPERT_COLUMNS).to_csv(archive / f"{split}.csv", index=False)
+    return f"chexpert:{archive}"
+
+
+def test_entry_point_logs_adherence_and_its_ceiling(mlflow_store, phantom, tmp_path, monkeypatch):
+    real = f"chexpert:{phantom}"
+    classifier_run = classify.main(["--train", real, "--test", real, "--resolution", str(RES), "--epochs", "1",
+                                    "--batch_size", "8", "--n_resamples", "10", "--threads", "1"])
+    generated = _rendered_generated(tmp_path / "gen", [[f] for f in FINDINGS for _ in range(4)] + [[]] * 4)
+    run = mlflow.get_run(checks.main(["--generated", generated, "--real", real, *FAST,
+                                      "--classifier_run", classifier_run]))
+    m = run.data.metrics
+    names = [classify.snake(f) for f in FINDINGS]
+    for prefix in ("adherence", "adherence_ceiling"):
+        values = [m[f"{prefix}_{n}"] for n in names]
+        assert all(0 <= v <= 1 for v in values)  # every finding was prompted
+        assert m[f"{prefix}_mean"] == pytest.approx(np.mean(values))
+    assert "harness.adherence" not in run.data.tags
+
+    monkeypatch.setattr(checks, "phantom_params", lambda path: None)  # real data: no renderer, no ceiling
+    run = mlflow.get_run(checks.main(["--generated", generated, "--real", real, *FAST,
+                                      "--classifier_run", classifier_run]))
+    assert "adherence_mean" in run.data.metrics and "adherence_ceiling_mean" not in run.data.metrics
+    assert "not a phantom" in run.data.tags["harness.adherence_ceiling"]
+
+
 # ----------------------------------------------------------------------------------- entry point
 
 
@@ -171,6 +269,7 @@ def test_entry_point_logs_the_checks(mlflow_store, phantom, tmp_path):
     assert m["view_lateral_fraction"] == pytest.approx(3 / 9) and m["view_frontal_fraction"] == pytest.approx(6 / 9)
     assert m["frechet_distance"] > 0 and m["view_classifier_valid_accuracy"] >= 0.9
     assert run.data.params["n_generated_images"] == "9" and "trained" in run.data.tags["harness.view_classifier"]
+    assert "no --classifier_run" in run.data.tags["harness.adherence"] and "adherence_mean" not in m
     client = mlflow.MlflowClient()
     artifacts = {a.path for d in ("memorization", "classifier") for a in client.list_artifacts(run_id, d)}
     assert artifacts == {"memorization/closest_pairs.png", "memorization/pairs.json", "classifier/model.pt"}
@@ -184,6 +283,7 @@ def test_entry_point_logs_the_checks(mlflow_store, phantom, tmp_path):
     assert "cached" in again.data.tags["harness.view_classifier"]
     assert run_id in again.data.tags["harness.feature_extractor"]
     assert again.data.metrics["frechet_distance"] == pytest.approx(m["frechet_distance"], rel=1e-6)
+    assert "lateral" in again.data.tags["harness.adherence"]  # a view classifier scores no findings
 
 
 def test_entry_point_errors_name_the_bad_input(mlflow_store, phantom, tmp_path):

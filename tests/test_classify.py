@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from harness import classify
 from harness.data import load_table
@@ -53,7 +53,11 @@ def test_logged_metrics_recompute_from_predictions(mlflow_store, tiny_phantom):
         known = pred[f"target_{name}"].notna()
         acc = ((pred.loc[known, f"score_{name}"] >= 0.5) == pred.loc[known, f"target_{name}"]).mean()
         assert metrics[f"acc_{name}"] == pytest.approx(acc)
+        assert metrics[f"bal_acc_{name}"] == pytest.approx(balanced_accuracy_score(
+            pred.loc[known, f"target_{name}"], pred.loc[known, f"score_{name}"] >= 0.5))
     assert metrics["auc_macro"] == pytest.approx(np.nanmean(aucs))
+    assert metrics["bal_acc_macro"] == pytest.approx(np.nanmean([metrics[f"bal_acc_{classify.snake(l)}"]
+                                                                for l in FINDINGS]))
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "valid_auc_macro")
     assert [m.step for m in history] == [1]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -88,6 +92,10 @@ def test_paired_comparison_with_a_baseline_run(mlflow_store, tiny_phantom):
         assert logged == pytest.approx(diff, abs=1e-9, nan_ok=True)
         low, high = run.data.metrics[f"auc_diff_{name}_ci_low"], run.data.metrics[f"auc_diff_{name}_ci_high"]
         assert math.isnan(low) or low <= logged <= high
+    # the macro AUC's paired difference, from the two runs' predictions alone
+    diff, low, high = classify.macro_auc_difference(run_id, base_id, n_resamples=100)
+    assert diff == pytest.approx(run.data.metrics["auc_diff_macro"], abs=1e-9)
+    assert low <= diff <= high
 
     # The baseline must have scored the same test images.
     with pytest.raises(ValueError, match="other images"):

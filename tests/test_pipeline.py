@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 import pandas as pd
 
-from harness import pipeline, report
+from harness import classify, pipeline, report
 from harness.classify import snake
 from harness.pathologies import FINDINGS
 from registry.register import model_name
@@ -30,8 +30,9 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     table = pipeline.main([*argv, "--jobs", "2"])
     assert list(table.index) == ["real images", "dreambooth @ 1", "dreambooth @ 2", "text_encoder @ 1",
                                  "text_encoder @ 2"]
-    assert list(table.columns) == FINDINGS + ["macro AUC", "accuracy", "frontal fraction", "memorized fraction",
-                                              "Frechet distance"]
+    assert list(table.columns) == FINDINGS + ["macro AUC", "accuracy", "balanced accuracy", "frontal fraction",
+                                              "memorized fraction", "Frechet distance", "prompt adherence",
+                                              "adherence ceiling"]
     assert table.loc["dreambooth @ 2", "frontal fraction"] >= 0
     runs = _runs()
     # 1 pipeline + 1 real classify + 2 arms x (1 finetune + 2 x (generate + classify + checks))
@@ -62,6 +63,17 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
         assert client.get_run(v.tags["checks_run_id"]).data.metrics["view_frontal_fraction"] == \
             float(v.tags["view_frontal_fraction"])
 
+    # The arms compared on the same test images: dreambooth - text_encoder at each judged step.
+    classify_runs = {(v.tags["arm"], int(v.tags["step"])): v.tags["classify_run_id"] for v in versions}
+    differences = {}
+    for step in (1, 2):
+        differences[step] = classify.macro_auc_difference(classify_runs["dreambooth", step],
+                                                          classify_runs["text_encoder", step])
+        metric = f"macro_auc_diff_dreambooth_minus_text_encoder_{step}"
+        logged = [parent.data.metrics[f"{metric}{suffix}"] for suffix in ("", "_ci_low", "_ci_high")]
+        assert all(_same(x, y) for x, y in zip(logged, differences[step]))
+    assert "arm_differences.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
     # Report: the table holds the logged values; every plot is a non-empty PNG; it is logged too.
     result = report.main(["--output_dir", "reports"])
     auc = pd.read_csv(f"reports/{name}_auc.csv", index_col=0)
@@ -73,6 +85,12 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
             assert _same(auc.at[row, label], judged[f"auc_{snake(label)}"])
         assert _same(auc.at[row, "macro AUC"], judged["auc_macro"])
     assert _same(auc.at["real images", "macro AUC"], baseline.data.metrics["auc_macro"])
+    assert list(auc.columns[-2:]) == ["accuracy", "balanced accuracy"]
+    diffs = pd.read_csv(f"reports/{name}_arm_differences.csv", index_col=0)
+    for step in (1, 2):
+        assert _same(diffs.at[f"dreambooth - text_encoder @ {step}", "macro AUC difference"], differences[step][0])
+    checks_csv = pd.read_csv(f"reports/{name}_checks.csv", index_col=0)
+    assert {"prompt adherence", "adherence ceiling"} <= set(checks_csv.columns)
     pngs = [p for p in result["files"] if str(p).endswith(".png")]
     assert len(pngs) == 3 + 4 and all(p.stat().st_size > 1000 for p in pngs)  # 3 plots + 4 sample grids
     html = result["html"].read_text()

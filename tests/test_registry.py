@@ -65,8 +65,11 @@ def test_model_name():
 
 def test_register_tags_and_no_duplicate(checkpoint):
     run = checkpoint(steps=(1, 2))
-    classified = evaluation(0.8)
-    v = register_checkpoint(run, 2, classified)
+    classified = evaluation(0.8, bal_acc_macro=0.6, bal_acc_cardiomegaly=0.6)
+    with mlflow.start_run(run_name="checks") as checked:
+        mlflow.log_metrics({"frechet_distance": 3.0, "adherence_edema": 0.7, "adherence_mean": 0.7,
+                            "adherence_ceiling_mean": 0.9, "memorization_max_similarity": 0.5})
+    v = register_checkpoint(run, 2, classified, checks_run_id=checked.info.run_id)
     assert (v.name, str(v.version)) == (NAME, "1")
     tags = MlflowClient().get_model_version(NAME, "1").tags
     logged = MlflowClient().get_run(classified).data.metrics
@@ -75,6 +78,12 @@ def test_register_tags_and_no_duplicate(checkpoint):
     assert float(tags["auc_macro"]) == logged["auc_macro"]
     assert float(tags["auc_cardiomegaly_ci_low"]) == logged["auc_cardiomegaly_ci_low"]
     assert "n_ignored" not in tags  # only evaluation figures travel
+    assert float(tags["bal_acc_macro"]) == 0.6 and float(tags["bal_acc_cardiomegaly"]) == 0.6
+    assert {k: float(tags[k]) for k in ("frechet_distance", "adherence_edema", "adherence_mean",
+                                        "adherence_ceiling_mean")} == {"frechet_distance": 3.0, "adherence_edema": 0.7,
+                                                                       "adherence_mean": 0.7,
+                                                                       "adherence_ceiling_mean": 0.9}
+    assert "memorization_max_similarity" not in tags
     assert tags["source_model"] == MlflowClient().get_run(run).data.tags["harness.checkpoint.000002"]
 
     again = register_checkpoint(run, 2, classified)  # the same checkpoint: the same version

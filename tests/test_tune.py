@@ -181,6 +181,31 @@ def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tune_phantom, tiny_
     assert 0 < metrics["pruning_saved_fraction"] < 1
 
 
+def test_adherence_objective_judges_checkpoints_without_training_classifiers(mlflow_store, tune_phantom,
+                                                                             tiny_pipeline_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 1, "--objective", "adherence",
+                                   "--prompts", "disease"))
+    study = _study(storage)
+    (trial,) = study.trials
+    assert trial.state == TrialState.COMPLETE
+    client = MlflowClient()
+    study_run = client.get_run(study_run_id)
+    # one classifier trained on the real train split judges every checkpoint of the study
+    judge = client.get_run(study.user_attrs["adherence_classifier_run"])
+    assert study_run.data.tags["harness.tune.adherence_classifier_run"] == judge.info.run_id
+    assert judge.data.params["train"] == f"chexpert:{tune_phantom}"
+    trial_run = client.get_run(trial.system_attrs[RUN_ID])
+    assert trial_run.data.metrics["adherence_mean"] == pytest.approx(trial.value) and 0 <= trial.value <= 1
+    history = client.get_metric_history(trial_run.info.run_id, "checkpoint_adherence_mean")
+    assert {m.step: m.value for m in history} == pytest.approx(trial.intermediate_values)
+    assert not any(k.startswith("harness.tune.classify_run.") for k in trial_run.data.tags)  # no classifier per step
+    classify_runs = [r for r in _runs(client) if r.data.tags.get("harness.entry_point") == "classify"]
+    assert len(classify_runs) == 2  # the judge, and the best trial's one look at the test split
+    assert study_run.data.metrics["best_adherence_mean"] == pytest.approx(trial.value)
+    assert client.get_run(study_run.data.tags["harness.tune.test_classify_run"]).data.params["test_split"] == "test"
+
+
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",

@@ -417,6 +417,18 @@ def summarize(table: pd.DataFrame) -> dict:
 # --------------------------------------------------------------------------------------- images
 
 
+def image_tensor(img: Image.Image, resolution: int, channels: int) -> torch.Tensor:
+    """[channels, resolution, resolution] in [-1, 1] from a grey (L) or RGB image, as ``ImageDataset``
+    serves it: resized on the short side and center-cropped (bicubic)."""
+    img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] != channels:  # grey -> 3 channels
+        arr = np.repeat(arr, channels, axis=2)
+    return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images of a ``load_table`` table as ``{"pixel_values", "labels", "index"}``.
 
@@ -485,14 +497,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return bad
 
     def load_image(self, path: str) -> torch.Tensor:
-        img = self._open(path)
-        img = ImageOps.fit(img, (self.resolution, self.resolution), method=Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.float32)
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        if arr.shape[2] != self.channels:  # grey -> 3 channels
-            arr = np.repeat(arr, self.channels, axis=2)
-        return torch.from_numpy(arr).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
+        return image_tensor(self._open(path), self.resolution, self.channels)
 
     def _open(self, path: str) -> Image.Image:
         try:

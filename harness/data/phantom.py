@@ -560,6 +560,13 @@ def write_phantom(root, n_patients: int = DEFAULT_PATIENTS, seed: int = 0, diffi
     return final
 
 
+def phantom_params(archive) -> dict | None:
+    """The parameters a phantom archive dir was written with (its ``phantom.json``: seed,
+    difficulty, size, ...); None for a data set the phantom did not write."""
+    path = Path(archive) / "phantom.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _data_dir(cache_dir=None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
