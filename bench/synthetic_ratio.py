@@ -3,15 +3,16 @@
 Fine-tunes one arm from the base, generates images with generate's ``--prompts`` (``data``: 6 x
 ``n_per_prompt`` images prompted with real label sets; ``disease``: ``n_per_prompt`` per disease
 prompt + no finding), trains the classify step's classifier on them and on the real train split,
-and scores both on the real test split. Also prints, per finding, how well the REAL-trained
-classifier tells the images labelled with that finding from the no-finding images ("prompt AUC":
-0.5 = the prompt changes nothing the real classifier can see), which needs no second classifier.
+and scores both on the real test split. Also prints the generated set's prompt adherence (the
+REAL-trained classifier's per-finding AUC on the generated images against their prompts' labels,
+``harness.checks.prompt_adherence``; 0.5 = the prompt changes nothing that classifier sees) and its
+ceiling (the same figure for the phantom renderer drawing the same prompts), which need no second
+classifier; CPU minutes; and with ``--compare DIR`` (an earlier ``--keep`` directory) the paired
+bootstrap CI of the macro-AUC difference on the same real test images.
 
 ``--oracle`` replaces fine-tuning + generation by the phantom renderer itself drawing new patients
 for each prompt: a perfect generator. Its ratio is the ceiling that the prompts, their number and
-the classifier budget put on every arm, whatever the model. Measured (small_cnn, 8 epochs, real
-macro AUC 0.938): disease prompts, 24 images per prompt 0.512 (chance), 100: 0.702, 200: 0.844,
-400: 0.892; data prompts, 1200 images in all (n_per_prompt 200) 0.881, 2400: 0.964.
+the classifier budget put on every arm, whatever the model (measured figures: README).
 
     python -m bench.synthetic_ratio --arm dreambooth --steps 600 --n_per_prompt 200
     python -m bench.synthetic_ratio --oracle --n_per_prompt 200 [--prompts disease]
@@ -25,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from registry.pyfunc import DEFAULT_GUIDANCE
 
 
 def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease", data: str = "phantom") -> str:
@@ -61,31 +65,43 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
     return f"chexpert:{out / ARCHIVE}"
 
 
-def prompt_auc(data: str, classifier_run: str) -> dict[str, float]:
-    """Per finding: AUC of the real-trained classifier's score between that prompt's images and
-    the no-finding prompt's images of a generated set."""
-    from sklearn.metrics import roc_auc_score
-
-    from harness.classifier import classifier_from_run, predict
-    from harness.data import CachedImages, DataSpec, ImageDataset, load_table
-    from harness.data.prompts import NO_FINDING
-    from harness.pathologies import FINDINGS
+def adherence(data: str, classifier_run: str, real: str, seed: int = 0) -> tuple[dict, dict]:
+    """Prompt adherence of a generated set under the real-trained classifier (``harness.checks``),
+    and the same figure for the phantom renderer drawing the same prompts (the ceiling)."""
+    from harness.checks import classifier_labels, generated_table, phantom_renders, prompt_adherence
+    from harness.classifier import classifier_from_run
+    from harness.data import DataSpec
+    from harness.data.phantom import phantom_params
 
     model = classifier_from_run(classifier_run)
-    table = load_table(DataSpec.parse(data), "train", views="all", labels=FINDINGS + [NO_FINDING])
-    loader = torch.utils.data.DataLoader(CachedImages(ImageDataset(table, FINDINGS, resolution=64, channels=1)),
-                                         batch_size=128)
-    scores, _ = predict(model, loader)
-    negatives = table[NO_FINDING].to_numpy() == 1.0
-    out = {}
-    for j, finding in enumerate(FINDINGS):
-        positives = table[finding].to_numpy() == 1.0
-        if not positives.any() or not negatives.any():  # data prompts may never draw a finding
-            out[finding] = float("nan")
-            continue
-        y = np.r_[np.ones(positives.sum()), np.zeros(negatives.sum())]
-        out[finding] = float(roc_auc_score(y, np.r_[scores[positives, j], scores[negatives, j]]))
-    return out
+    table = generated_table(data, classifier_labels(model))
+    params = phantom_params(DataSpec.parse(real).resolve().path)
+    ceiling = {} if params is None else prompt_adherence(model, table, phantom_renders(table, params, 64, seed))
+    return prompt_adherence(model, table), ceiling
+
+
+def cpu_minutes() -> float:
+    """CPU time of this process and its finished children (user + system), in minutes."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime) / 60
+
+
+def compare(predictions, earlier: Path) -> dict:
+    """Macro AUC of these synthetic-trained predictions minus an earlier bench run's, paired on the
+    same real test images, with its bootstrap CI."""
+    import pandas as pd
+
+    from harness.classify import PREDICTIONS
+    from harness.evaluate import paired_macro_difference
+
+    other = pd.read_csv(earlier / PREDICTIONS).set_index("path").loc[predictions["path"]]
+    names = [c.removeprefix("score_") for c in predictions.columns if c.startswith("score_")]
+    targets = predictions[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64)
+    if not np.array_equal(targets, other[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64), equal_nan=True):
+        raise ValueError(f"{earlier} was scored on other test targets: not comparable")
+    diff, low, high = paired_macro_difference(targets, predictions[[f"score_{n}" for n in names]].to_numpy(np.float64),
+                                              other[[f"score_{n}" for n in names]].to_numpy(np.float64), names)
+    return {"against": str(earlier), "macro_auc_diff": diff, "ci_low": low, "ci_high": high}
 
 
 def main(argv=None) -> dict:
@@ -95,18 +111,21 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", default="", help="generate from this pipeline instead of fine-tuning")
     p.add_argument("--pretrained_model", default="base")
     p.add_argument("--data", default="phantom")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1200)  # the pipeline's defaults
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--n_per_prompt", type=int, default=200)
     p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as generate's --prompts")
     p.add_argument("--num_inference_steps", type=int, default=6)  # the pipeline's defaults
-    p.add_argument("--guidance_scale", type=float, default=10.0)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--finetune_args", default="", help="extra finetune arguments, space-separated")
     p.add_argument("--keep", default="", help="directory for the runs and data (default: a temporary one)")
+    p.add_argument("--compare", default="",
+                   help="a --keep directory of an earlier run: the paired bootstrap CI of the macro-AUC difference "
+                        "(this - that) on the same real test images")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -154,18 +173,30 @@ def main(argv=None) -> dict:
                                  "--output_dir", str(root / "generated"), "--experiment", "ratio", *threads])
             synthetic = client.get_run(gen).data.tags["harness.generated_data"]
         timings["generate_s"] = time.perf_counter() - t
-        prompts = prompt_auc(synthetic, real_run)
+        prompts, ceiling = adherence(synthetic, real_run, a.data, a.seed)
         t = time.perf_counter()
         synth_run = classify.main(["--train", synthetic, *common])
         timings["classify_synthetic_s"] = time.perf_counter() - t
         metrics = client.get_run(synth_run).data.metrics
+        from harness.classify import PREDICTIONS, load_predictions
+
+        predictions = load_predictions(synth_run)
+        if a.keep:  # what a later --compare pairs with
+            predictions.to_csv(root / PREDICTIONS, index=False)
     result = {"source": "oracle" if a.oracle else (a.checkpoint or a.arm), "prompts": a.prompts,
               "n_per_prompt": a.n_per_prompt,
               "real_macro_auc": real, "synthetic_macro_auc": metrics["auc_macro"],
               "ratio": metrics["auc_macro"] / real,
               "synthetic_auc": {k[4:]: v for k, v in metrics.items()
                                 if k.startswith("auc_") and not k.endswith(("_high", "_low")) and k != "auc_macro"},
-              "prompt_auc": prompts, "prompt_auc_mean": float(np.nanmean(list(prompts.values()))), **timings}
+              "adherence": prompts, "adherence_mean": float(np.nanmean(list(prompts.values()))),
+              "adherence_ceiling_mean": float(np.nanmean(list(ceiling.values()))) if ceiling else float("nan"),
+              **timings,
+              "cpu_minutes": cpu_minutes()}
+    if a.compare:
+        result["vs_compare"] = compare(predictions, Path(a.compare))
+    if a.keep:
+        (Path(a.keep) / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     print(f"synthetic/real macro AUC: {result['synthetic_macro_auc']:.3f} / {real:.3f} = {result['ratio']:.3f}")
     return result

@@ -361,9 +361,8 @@ def prompt_adherence(model: nn.Module, generated, images=None, batch_size: int =
 
     It is the standard per-label AUC - positives against every image without the finding, other
     findings included - so it reads like the classifier's per-label AUC on real data, and an
-    image prompted with edema that looks like effusion counts against it. (``bench.synthetic_ratio``'s
-    ``prompt_auc`` compares against the no-finding images only, which is easier: it does not ask
-    whether the findings are told apart.)
+    image prompted with edema that looks like effusion counts against it. (Against the no-finding images only
+    would be easier: it does not ask whether the findings are told apart.)
 
     ``generated``: a data set spec, or a ``generated_table(spec, labels)`` table, whose label
     columns are the prompts' labels. ``images``: what to score instead of the table's files, one

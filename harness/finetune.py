@@ -54,11 +54,13 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--pretrained_model", default="base",
                    help="'base' (the embedded base), models:/..., a diffusers directory, or a Hub id")
     # CPU-sized defaults: a few minutes on 2 cores with the embedded base; scale up on a GPU.
-    p.add_argument("--steps", type=int_arg, default=400)
-    # The embedded base is small and knows chests only roughly: at 1e-4, 200-600 steps change little; at
-    # 1e-3, 600 steps draw lungs and heart (measured, embedded default). SD-sized models want ~5e-6.
+    p.add_argument("--steps", type=int_arg, default=1200)
+    # The embedded base is small and knows chests only roughly: it needs a high rate to learn them in a
+    # few hundred steps. SD-sized models want ~5e-6.
     p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--lr_scheduler", default="constant_with_warmup")
+    # Cosine decay to 0: a short run ends on small steps that the weight average settles on, where a
+    # constant rate leaves the small base's samples blurred (README: quality table).
+    p.add_argument("--lr_scheduler", default="cosine", help="diffusers' get_scheduler name")
     p.add_argument("--lr_warmup_steps", type=int_arg, default=20)
     p.add_argument("--batch_size", type=int_arg, default=8)
     p.add_argument("--gradient_accumulation_steps", type=int_arg, default=1)
@@ -69,15 +71,12 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     # With no empty prompts in fine-tuning, classifier-free guidance at generation contrasts the
     # prompt with an unconditional branch the fine-tuned UNet never learned; 10% empty prompts (as SD
-    # was trained) keep it, and guidance is what makes the findings show on the embedded default
-    # (bench/synthetic_ratio.py: prompt AUC under the real classifier 0.55 at guidance 1, 0.73 at 10).
+    # was trained) keep it, and guidance is what makes the findings show.
     p.add_argument("--caption_dropout", type=float, default=0.1, help="share of prompts replaced by the empty prompt")
     # Min-SNR-gamma loss weighting (Hang et al. 2023): down-weights the nearly-clean timesteps,
     # which teach little about layout and findings; 0 = plain epsilon MSE.
     p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0 = off)")
-    # EMA weights draw better than the last raw ones: measured (dreambooth, 600 steps at 1e-3, a base
-    # built with --n_radiographs 1200, 1200 data-prompt images) synthetic macro AUC 0.623 with 0.999,
-    # 0.591 without.
+    # EMA weights draw better than the last raw ones (README: measured on the embedded default).
     p.add_argument("--ema_decay", type=float, default=0.999,
                    help="checkpoints hold an exponential moving average of the weights, with this top "
                         "decay (warmed up as 1 - (1 + step)^-2/3); 0 = off, the raw weights")

@@ -52,14 +52,7 @@ from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLA
 from harness.grids import labelled_grid
 from harness.cli import int_arg
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
-from registry.pyfunc import DEFAULT_STEPS
-
-# Classifier-free guidance is what makes a finding show in the images of its prompt. Measured on
-# the embedded default (dreambooth, 600 steps at 1e-3, 10 DPM steps): prompt AUC under the
-# real-trained classifier (16 images per prompt) 0.55 at guidance 1, 0.60 at 3, 0.73 at 10, 0.83
-# at 20; with 200 images per prompt (bench/synthetic_ratio.py) the synthetic-trained classifier's
-# macro AUC was 0.557 at 10 and 0.549 at 20 (stronger guidance exaggerates the findings).
-DEFAULT_GUIDANCE = 10.0
+from registry.pyfunc import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 CHECKPOINT_TAG = "harness.checkpoint."
 SCHEDULERS = {  # name -> diffusers class, built with from_config(pipe.scheduler.config)
