@@ -35,3 +35,18 @@ def test_ci_calls_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme and "make demo" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_mlproject_defaults_are_the_modules_defaults():
+    """`mlflow run . -e X` with no -P runs what `python -m ...` runs (a 0 patients default once failed)."""
+    from harness import pipeline
+    from harness.data.phantom import DEFAULT_PATIENTS
+    from registry.pyfunc import DEFAULT_GUIDANCE
+
+    entries = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    assert entries["phantom"]["parameters"]["patients"]["default"] == DEFAULT_PATIENTS
+    assert entries["generate"]["parameters"]["guidance_scale"]["default"] == DEFAULT_GUIDANCE
+    defaults = pipeline.parse_args([])
+    for name in ("steps", "eval_steps", "learning_rate", "n_per_prompt", "prompts", "epochs"):
+        value, ours = entries["pipeline"]["parameters"][name]["default"], getattr(defaults, name)
+        assert (float(value) == ours) if isinstance(ours, (int, float)) else (str(value) == ours), name
