@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pretrained_model", default="base")
     p.add_argument("--data", default="phantom")
     p.add_argument("--steps", type=int, default=1200)  # the pipeline's defaults
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--n_per_prompt", type=int, default=200)
     p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as generate's --prompts")

@@ -57,7 +57,7 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int_arg, default=1200)
     # The embedded base is small and knows chests only roughly: it needs a high rate to learn them in a
     # few hundred steps. SD-sized models want ~5e-6.
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--learning_rate", type=float, default=2e-3)
     # Cosine decay to 0: a short run ends on small steps that the weight average settles on, where a
     # constant rate leaves the small base's samples blurred (README: quality table).
     p.add_argument("--lr_scheduler", default="cosine", help="diffusers' get_scheduler name")
