@@ -19,10 +19,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -c "import harness, registry, torch, torchvision, transformers, diffusers, torchxrayvision, mlflow"
 	touch $@
 
-# The main job on the embedded default: phantom data, the local base model, a DreamBooth fine-tune.
+# The main job on the embedded default: phantom data, the local base model, then the whole study
+# (three arms, generate, classify, checks, register, promote; the pipeline prints the table) and
+# its report.
 demo: venv
+	$(MLFLOW) run . -e phantom --env-manager local
 	$(MLFLOW) run . -e base --env-manager local
-	$(MLFLOW) run . -e dreambooth --env-manager local
+	$(MLFLOW) run . -e pipeline --env-manager local
+	$(MLFLOW) run . -e report --env-manager local
+	@echo "report: $(CURDIR)/reports/report.html"
 
 base: venv
 	$(MLFLOW) run . -e base --env-manager local
