@@ -349,7 +349,7 @@ def _log_data(tables, labels, device) -> None:
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways": it is a local dir
             warnings.filterwarnings("ignore", message="The specified dataset source")
             dataset = mlflow.data.from_pandas(table, source=source, name=f"{name}:{full}")
-        mlflow.log_input(dataset, context=contexts[name])
+        tracking.log_input(dataset, context=contexts[name])
         mlflow.log_dict(summarize(table), f"data/{name}_summary.json")
     mixed = {k: tables["train"].attrs[k] for k in ("n_mixed_real", "n_mixed_train") if k in tables["train"].attrs}
     mlflow.log_params({"n_train_images": len(tables["train"]), "n_valid_images": len(tables["valid"]),

@@ -251,8 +251,8 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
 
     # --- data --------------------------------------------------------------------------------
     spec, table, labels, dataset = _data(args, tokenizer, resolution)
-    mlflow.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
-                     context="training")
+    tracking.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
+                       context="training")
     mlflow.log_dict(summarize(table), "data/summary.json")
     tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
     latent_cache = None

@@ -217,7 +217,7 @@ def generate(args, run_id: str) -> Path:
     for split in ("train", "valid"):
         if any(j["split"] == split for j in jobs):  # (grid-only jobs have no split)
             table = load_table(DataSpec.parse(spec), split=split, views="all", labels=FINDINGS + [NO_FINDING])
-            mlflow.log_input(mlflow.data.from_pandas(table, source=str(out / ARCHIVE), name=f"generated-{split}"),
+            tracking.log_input(mlflow.data.from_pandas(table, source=str(out / ARCHIVE), name=f"generated-{split}"),
                              context="generated")
             mlflow.log_dict(summarize(table), f"data/summary_{split}.json")
     mlflow.log_artifact(str(out / "prompts.csv"), "data")

@@ -115,6 +115,22 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
         mlflow.end_run("FINISHED")
 
 
+def log_input(dataset, context: str, attempts: int = 3) -> None:
+    """``mlflow.log_input``, retried when another process created the same data set in the same
+    instant: the server's insert then fails on its unique key (seen with parallel tuning workers
+    on PostgreSQL), and the retry finds the row and links it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return mlflow.log_input(dataset, context=context)
+        except MlflowException as err:
+            if attempt == attempts - 1 or not any(s in str(err) for s in ("UniqueViolation", "UNIQUE constraint",
+                                                                          "Duplicate entry", "already exists")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def log_params(params: dict) -> None:
     """Log parameters the active run does not have yet. Under ``mlflow run`` the CLI has already
     logged the entry point's parameters as typed (``1e-4``, ``400.0``); MLflow refuses to change a

@@ -1,0 +1,44 @@
+"""MLflow plumbing: data set logging survives the create race between parallel workers."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from harness import tracking
+
+
+def test_log_input_retries_the_servers_duplicate_dataset_race(mlflow_store, monkeypatch):
+    # What a PostgreSQL-backed server answered when two tuning workers logged the same data set at once.
+    race = MlflowException('BAD_REQUEST: (psycopg.errors.UniqueViolation) duplicate key value violates '
+                           'unique constraint "dataset_pk"')
+    real, calls = mlflow.log_input, []
+
+    def flaky(dataset, context=None, **kwargs):
+        calls.append(context)
+        if len(calls) == 1:
+            raise race
+        return real(dataset, context=context, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", flaky)
+    dataset = mlflow.data.from_pandas(pd.DataFrame({"a": [1, 2]}), name="phantom-train")
+    with mlflow.start_run() as run:
+        tracking.log_input(dataset, context="training")
+    assert calls == ["training", "training"]
+    inputs = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["phantom-train"]
+
+
+def test_log_input_raises_other_errors_at_once(monkeypatch):
+    calls = []
+
+    def broken(dataset, context=None, **kwargs):
+        calls.append(context)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    monkeypatch.setattr(mlflow, "log_input", broken)
+    with pytest.raises(MlflowException, match="run not found"):
+        tracking.log_input(object(), context="training")
+    assert calls == ["training"]
