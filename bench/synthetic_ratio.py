@@ -68,16 +68,12 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
 def adherence(data: str, classifier_run: str, real: str, seed: int = 0) -> tuple[dict, dict]:
     """Prompt adherence of a generated set under the real-trained classifier (``harness.checks``),
     and the same figure for the phantom renderer drawing the same prompts (the ceiling)."""
-    from harness.checks import classifier_labels, generated_table, phantom_renders, prompt_adherence
+    from harness.checks import adherence_and_ceiling, classifier_labels, generated_table
     from harness.classifier import classifier_from_run
-    from harness.data import DataSpec
-    from harness.data.phantom import phantom_params
 
     model = classifier_from_run(classifier_run)
-    table = generated_table(data, classifier_labels(model))
-    params = phantom_params(DataSpec.parse(real).resolve().path)
-    ceiling = {} if params is None else prompt_adherence(model, table, phantom_renders(table, params, 64, seed))
-    return prompt_adherence(model, table), ceiling
+    adherence, ceiling = adherence_and_ceiling(model, generated_table(data, classifier_labels(model)), real, seed)
+    return adherence, ceiling or {}
 
 
 def cpu_minutes() -> float:

@@ -397,6 +397,16 @@ def phantom_renders(table: pd.DataFrame, params: dict, resolution: int, seed: in
     return torch.stack(out)
 
 
+def adherence_and_ceiling(model: nn.Module, table: pd.DataFrame, real, seed: int = 0) -> tuple[dict, dict | None]:
+    """``prompt_adherence`` of a ``generated_table`` and, when ``real`` is a phantom data set, the
+    same for the phantom renderer drawing its prompts (the ceiling; None for other data)."""
+    adherence = prompt_adherence(model, table)
+    params = phantom_params(DataSpec.parse(real).resolve().path)
+    if params is None:
+        return adherence, None
+    return adherence, prompt_adherence(model, table, phantom_renders(table, params, _trained_resolution(model), seed))
+
+
 def _adherence(args, model: nn.Module) -> dict[str, float]:
     """``adherence_*`` of the generated set; ``adherence_ceiling_*`` when --real is the phantom."""
     def named(prefix, per_label):
@@ -407,13 +417,11 @@ def _adherence(args, model: nn.Module) -> dict[str, float]:
     except ValueError as err:  # not a disease classifier of the generated set's labels, e.g. a view classifier
         mlflow.set_tag("harness.adherence", f"skipped: {err}"[:5000])
         return {}
-    metrics = named("adherence", prompt_adherence(model, table))
-    params = phantom_params(DataSpec.parse(args.real).resolve().path)
-    if params is None:
+    adherence, ceiling = adherence_and_ceiling(model, table, args.real, args.seed)
+    if ceiling is None:
         mlflow.set_tag("harness.adherence_ceiling", f"skipped: {args.real} is not a phantom data set")
-        return metrics
-    renders = phantom_renders(table, params, _trained_resolution(model), args.seed)
-    return metrics | named("adherence_ceiling", prompt_adherence(model, table, renders))
+        return named("adherence", adherence)
+    return named("adherence", adherence) | named("adherence_ceiling", ceiling)
 
 
 # ------------------------------------------------------------------------------------ entry point

@@ -233,6 +233,24 @@ def macro_auc_difference(run_a: str, run_b: str, n_resamples: int = 1000, seed: 
                                    names, n_resamples=n_resamples, seed=seed, confidence=confidence)
 
 
+DIFFERENCE_COLUMNS = ["macro AUC difference", "CI low", "CI high"]
+
+
+def difference_table(pairs: dict[str, tuple[str, str]], seed: int = 0, skip_incomparable: bool = False) -> pd.DataFrame:
+    """``{row name: (classify run a, classify run b)}`` -> a table of ``macro_auc_difference``s;
+    with ``skip_incomparable`` a pair without predictions or scored on other images is left out."""
+    rows = {}
+    for name, (a, b) in pairs.items():
+        try:
+            rows[name] = dict(zip(DIFFERENCE_COLUMNS, macro_auc_difference(a, b, seed=seed)))
+        except ValueError:
+            if not skip_incomparable:
+                raise
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=DIFFERENCE_COLUMNS)
+    table.index.name = "arms"
+    return table
+
+
 # ------------------------------------------------------------------------------------------- run
 
 

@@ -191,16 +191,12 @@ def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
 def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], seed: int) -> pd.DataFrame:
     """Macro AUC of the first arm minus each other arm at each step, paired on the same real test
     images, with its 95% bootstrap CI; logged as metrics of the active run."""
-    rows = {}
-    for step in steps:
-        for first, arm in ((arms[0], other) for other in arms[1:]):
-            diff, low, high = classify.macro_auc_difference(done[f"classify/{first}/{step}"],
-                                                            done[f"classify/{arm}/{step}"], seed=seed)
-            name = f"macro_auc_diff_{first}_minus_{arm}_{step}"
-            mlflow.log_metrics({name: diff, f"{name}_ci_low": low, f"{name}_ci_high": high})
-            rows[f"{first} - {arm} @ {step}"] = {"macro AUC difference": diff, "CI low": low, "CI high": high}
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=["macro AUC difference", "CI low", "CI high"])
-    table.index.name = "arms"
+    pairs = {(arms[0], arm, step): (done[f"classify/{arms[0]}/{step}"], done[f"classify/{arm}/{step}"])
+             for step in steps for arm in arms[1:]}
+    table = classify.difference_table({f"{a} - {b} @ {step}": runs for (a, b, step), runs in pairs.items()}, seed)
+    for (a, b, step), row in zip(pairs, table.itertuples(index=False)):
+        name = f"macro_auc_diff_{a}_minus_{b}_{step}"
+        mlflow.log_metrics({name: row[0], f"{name}_ci_low": row[1], f"{name}_ci_high": row[2]})
     return table
 
 

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness import tracking  # noqa: E402
-from harness.classify import macro_auc_difference, snake  # noqa: E402
+from harness.classify import difference_table, snake  # noqa: E402
 from harness.cli import bool_arg  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402
 from registry.promote import ALIAS, history  # noqa: E402
@@ -153,25 +153,17 @@ def _num(x) -> float:
 
 def arm_differences(study: dict) -> pd.DataFrame:
     """The first arm's macro AUC minus each other arm's at each step both have a version, paired
-    on the same test images (``classify.macro_auc_difference`` of their classify runs, seed 0 as
-    the pipeline's default)."""
+    on the same test images (``classify.difference_table`` of their classify runs, seed 0 as the
+    pipeline's default)."""
     at = {}
     for v in study["versions"]:  # the newest version of an arm @ step comes first
         at.setdefault((v.tags.get("arm", "?"), v.tags.get("step", "?")), v)
     first = next(iter(at), ("?", "?"))[0]
-    rows = {}
-    for (arm, step), v in at.items():
-        base = at.get((first, step))
-        if arm == first or base is None:
-            continue
-        try:
-            diff, low, high = macro_auc_difference(base.tags["classify_run_id"], v.tags["classify_run_id"])
-        except (KeyError, ValueError):  # no classify run with predictions (registered by hand), other test images
-            continue
-        rows[f"{first} - {arm} @ {step}"] = {"macro AUC difference": diff, "CI low": low, "CI high": high}
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=["macro AUC difference", "CI low", "CI high"])
-    table.index.name = "arms"
-    return table
+    pairs = {f"{first} - {arm} @ {step}": (at[(first, step)].tags["classify_run_id"], v.tags["classify_run_id"])
+             for (arm, step), v in at.items()
+             if arm != first and (first, step) in at  # registered by hand: maybe no classify run
+             and "classify_run_id" in v.tags and "classify_run_id" in at[(first, step)].tags}
+    return difference_table(pairs, skip_incomparable=True)
 
 
 def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
