@@ -23,7 +23,9 @@ returns the existing version.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import re
 
 import mlflow
@@ -42,11 +44,24 @@ CHECKS_METRIC = re.compile(rf"^({'|'.join(CHECKS_METRICS)}|adherence_[a-z0-9_]+)
 
 
 def model_name(data: str) -> str:
-    """``phantom`` -> ``cxr-sd-phantom``; ``chexpert:/x/CheXpert-v1.0-small`` -> ``cxr-sd-chexpert-chexpert-v1-0-small``."""
-    fmt, _, path = data.partition(":")
-    last = re.split(r"[\\/]", path.rstrip("/\\"))[-1] if path else ""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{fmt}-{last}".lower()).strip("-")
-    return f"{MODEL_PREFIX}-{slug}"
+    """``phantom`` -> ``cxr-sd-phantom``; ``chexpert:/x/CheXpert-v1.0-small`` ->
+    ``cxr-sd-chexpert-chexpert-v1-0-small-<8 hex>``.
+
+    The suffix hashes the folder's absolute path: two copies of one archive in different places
+    (a release and a relabelled fork, say) must not compete for one champion. Workers that see the
+    same data under different paths should name the model themselves (``--name`` / the
+    pipeline's ``--registered_model``)."""
+    fmt, _, path = str(data).partition(":")
+    if not path:
+        return f"{MODEL_PREFIX}-{_slug(fmt)}"
+    folder = os.path.abspath(os.path.expanduser(path.strip()))
+    last = re.split(r"[\\/]", folder.rstrip("/\\"))[-1]
+    digest = hashlib.sha256(folder.encode()).hexdigest()[:8]
+    return f"{MODEL_PREFIX}-{_slug(f'{fmt}-{last}')}-{digest}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _finished_run(client: MlflowClient, run_id: str, what: str):

@@ -6,6 +6,7 @@ directly, so each case controls which version is better."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,8 +60,18 @@ def champion(name=NAME):
 
 def test_model_name():
     assert model_name("phantom") == "cxr-sd-phantom"
-    assert model_name("chexpert:/data/CheXpert-v1.0-small/") == "cxr-sd-chexpert-chexpert-v1-0-small"
-    assert model_name("mimic:/x/mimic-cxr-jpg") == "cxr-sd-mimic-mimic-cxr-jpg"
+    name = model_name("chexpert:/data/CheXpert-v1.0-small/")
+    assert re.fullmatch(r"cxr-sd-chexpert-chexpert-v1-0-small-[0-9a-f]{8}", name)
+    assert model_name("chexpert:/data/CheXpert-v1.0-small") == name  # a trailing slash is the same folder
+    assert model_name("mimic:/x/mimic-cxr-jpg").startswith("cxr-sd-mimic-mimic-cxr-jpg-")
+
+
+def test_model_names_differ_per_data_set(tmp_path, monkeypatch):
+    # Two copies of one archive compete for one champion unless their names differ.
+    a, b = model_name("chexpert:/a/CheXpert-v1.0-small"), model_name("chexpert:/b/CheXpert-v1.0-small")
+    assert a != b
+    monkeypatch.chdir(tmp_path)  # a relative path names the folder it points to from here
+    assert model_name("chexpert:data") == model_name(f"chexpert:{tmp_path / 'data'}")
 
 
 def test_register_tags_and_no_duplicate(checkpoint):
