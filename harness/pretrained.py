@@ -17,7 +17,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-BASE_MODEL_NAME = "cxr-sd-base"
+from harness.base.build import BASE_MODEL_NAME, register_default_local_build
+
 
 
 def cache_dir() -> Path:
@@ -32,7 +33,13 @@ def resolve(name: str) -> str:
         from harness.tracking import use_project_store
 
         use_project_store()
-        name = latest_base_uri()
+        try:
+            name = latest_base_uri()
+        except LookupError:
+            # A new store (or a team server) and the default build already on disk: register it.
+            name = register_default_local_build()
+            if name is None:
+                raise
     if name.startswith(("models:/", "runs:/")):
         # Versions are immutable, so a downloaded copy is reused (aliases like @champion are not).
         store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:8]  # "v1" is per store

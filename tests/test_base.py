@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -179,7 +180,8 @@ def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     client = MlflowClient()
     (v1,) = client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")
     assert client.get_run(v1.run_id).data.metrics["vae_psnr"] > 0
-    assert build.main(cli) == {"reused": f"models:/{BASE_MODEL_NAME}/1"}  # same recipe: no rebuild
+    uri = f"models:/{BASE_MODEL_NAME}/1"
+    assert build.main(cli) == {"reused": uri, "registered": uri}  # same recipe: no rebuild
     assert len(client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")) == 1
     build.main(cli + ["--force", "true"])
     assert len(client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")) == 2
@@ -187,6 +189,47 @@ def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     assert statuses == {"FINISHED"}
     pipe = load_pipeline("base")  # what fine-tuning's default pretrained_model resolves to: the newest
     assert pipe.tokenizer.model_max_length == 32 and pipe.unet.config.sample_size == 16
+
+
+TINY_BUILD = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_scenes", "8",
+              "--n_radiographs", "4", "--batch_size", "2", "--no_samples"]
+
+
+def test_a_new_store_registers_the_build_on_disk_without_rebuilding(mlflow_store, tmp_path, monkeypatch):
+    """Pointing MLFLOW_TRACKING_URI at a new store must not cost a rebuild: "base" finds the
+    default recipe's build in outputs/ by its key and registers it there on first use."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness.pretrained import BASE_MODEL_NAME, resolve
+
+    parse = build.parse_args
+    monkeypatch.setattr(build, "parse_args", lambda argv=None: parse([*TINY_BUILD, *(argv or [])]))
+    first = build.main([])
+    assert (tmp_path / "outputs").is_dir()
+
+    new_store = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store)
+    mlflow.set_tracking_uri(new_store)
+    import mlflow.tracking.fluent
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # as a new process starts
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.setattr(build, "build_base", lambda *a, **k: pytest.fail("rebuilt a build that is on disk"))
+    path = resolve("base")
+    client = MlflowClient()
+    (version,) = client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")
+    assert version.tags["build_key"] == client.get_run(version.run_id).data.tags["harness.build_key"]
+    assert "harness.registered_from_disk" in client.get_run(version.run_id).data.tags
+    assert (Path(path) / "model_index.json").is_file() and first["registered"].endswith("/1")
+
+
+def test_an_unfinished_build_on_disk_is_not_registered(mlflow_store, tmp_path):
+    out = tmp_path / "half"
+    (out / "unet").mkdir(parents=True)
+    (out / "model_index.json").write_text("{}")  # no build_key: the build never finished
+    assert not build.local_build(out, "anything")
+    (out / build.BUILD_KEY_FILE).write_text("another-recipe")
+    assert not build.local_build(out, "anything")
 
 
 def test_phantom_radiographs_are_grayscale_with_generic_captions_that_name_no_finding():

@@ -2,8 +2,8 @@
 
 Real SD-1.5 weights cannot be downloaded here, so the harness trains its own stand-in: a CLIP-style
 tokenizer and text encoder, a KL autoencoder and a conditional UNet, wired into a standard
-``StableDiffusionPipeline`` directory. The base sees natural-ish captioned scenes (plus unlabeled
-radiographs for the autoencoder only), playing the part of SD's natural-image prior.
+``StableDiffusionPipeline`` directory. The base sees natural-ish captioned scenes and radiographs
+captioned only by their view (never a finding), playing the part of SD's web prior.
 """
 
 from harness.base.components import SDConfig, assemble_pipeline, build_components

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,10 @@ from harness.base.components import SDConfig, assemble_pipeline, build_component
 from harness.base.scenes import SceneDataset, caption_corpus
 from harness.base.tokenizer import build_tokenizer, medical_corpus
 from harness.pathologies import FINDINGS
+
+log = logging.getLogger(__name__)
+# The registered name of the embedded base; harness.pretrained resolves "base" to its newest version.
+BASE_MODEL_NAME = "cxr-sd-base"
 
 SAMPLE_CAPTIONS = [
     "a large red circle in the center on a white background",
@@ -338,12 +343,13 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
 BUILD_VERSION = 3  # bump when the build's code changes what it produces: part of the reuse key
 
 
+BUILD_KEY_FILE = "build_key"  # written last: a folder holding it is a complete build of that recipe
+
+
 def registered_build(key: str):
     """The registered base version built with these exact parameters, if any."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from harness.pretrained import BASE_MODEL_NAME
 
     try:
         versions = MlflowClient().search_model_versions(f"name = '{BASE_MODEL_NAME}'")
@@ -352,17 +358,14 @@ def registered_build(key: str):
     return next((v for v in versions if v.tags.get("build_key") == key), None)
 
 
-def main(argv=None) -> dict:
-    """Build the embedded base, log it to MLflow and register it as ``cxr-sd-base`` - once: a build
-    with identical parameters and code is found in the registry and reused (``--force true`` rebuilds)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+def local_build(out: Path, key: str) -> bool:
+    """Whether ``out`` holds a finished build of the recipe ``key`` (made for another tracking store)."""
+    marker = out / BUILD_KEY_FILE
+    return marker.is_file() and marker.read_text().strip() == key and (out / "model_index.json").is_file()
 
-    from harness import tracking
+
+def parse_args(argv=None) -> argparse.Namespace:
     from harness.cli import bool_arg, int_arg
-    from harness.data.phantom import GENERATOR_VERSION
-    from harness.pretrained import BASE_MODEL_NAME
-    from registry.pyfunc import log_pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="diffusers directory to write (default: outputs/base-<key>)")
@@ -379,41 +382,85 @@ def main(argv=None) -> dict:
                    help="torch CPU threads (default: torch's; use 1 when other jobs share the cores)")
     p.add_argument("--force", type=bool_arg, default=False, help="rebuild even if this build is registered")
     p.add_argument("--experiment", default=None)
-    a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    return p.parse_args(argv)
+
+
+def recipe_of(a: argparse.Namespace) -> tuple[dict, str]:
+    """What a build's output depends on, and its key (the reuse key in the registry and on disk)."""
+    from harness import tracking
+    from harness.data.phantom import GENERATOR_VERSION
+
     config = SDConfig.preset(a.preset)
     recipe = {"config": config.to_dict(), "vae_steps": a.vae_steps, "unet_steps": a.unet_steps,
               "batch_size": a.batch_size, "n_scenes": a.n_scenes, "n_radiographs": a.n_radiographs,
               "seed": a.seed, "build_version": BUILD_VERSION, "phantom_version": GENERATOR_VERSION}
-    key = tracking.params_key(recipe)
+    return recipe, tracking.params_key(recipe)
+
+
+def default_out(key: str) -> Path:
+    return Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"base-{key}"
+
+
+def register_default_local_build() -> str | None:
+    """Register the default recipe's build found on disk into the current store (a new store or a
+    team server: the build is the same, only the registry is new). Returns its models:/ URI, or
+    None when there is no such build on disk."""
+    recipe, key = recipe_of(parse_args([]))
+    if not local_build(default_out(key), key):
+        return None
+    return main([])["registered"]
+
+
+def main(argv=None) -> dict:
+    """Build the embedded base, log it to MLflow and register it as ``cxr-sd-base`` - once: a build
+    with identical parameters and code is found in the registry and reused, and one found on disk
+    (built for another store) is registered without rebuilding; ``--force true`` rebuilds."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+    from registry.pyfunc import log_pipeline
+
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    config = SDConfig.preset(a.preset)
+    recipe, key = recipe_of(a)
     with tracking.tracked_run("base", a.experiment, tags={"harness.build_key": key}):
         existing = None if a.force else registered_build(key)
         if existing is not None:
             uri = f"models:/{BASE_MODEL_NAME}/{existing.version}"
             mlflow.set_tag("harness.reused", uri)
-            print(f"reusing {uri}: built with the same parameters by run {existing.run_id}")
-            return {"reused": uri}
+            log.info("reusing %s: built with the same parameters by run %s", uri, existing.run_id)
+            return {"reused": uri, "registered": uri}
         tracking.log_params({"preset": a.preset, **{k: v for k, v in recipe.items() if k != "config"},
-                           **{f"config.{k}": v for k, v in config.to_dict().items()}})
-        buffer = tracking.MetricBuffer(mlflow.active_run().info.run_id)
-        out = Path(a.out or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"base-{key}")
-        metrics = build_base(out, config, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-                             seed=a.seed, batch_size=a.batch_size, n_scenes=a.n_scenes,
-                             n_radiographs=a.n_radiographs, device=a.device, samples=not a.no_samples,
-                             log_fn=buffer.log)
-        buffer.flush()
+                             **{f"config.{k}": v for k, v in config.to_dict().items()}})
+        out = Path(a.out) if a.out else default_out(key)
+        if not a.force and local_build(out, key):
+            mlflow.set_tag("harness.registered_from_disk", str(out.absolute()))
+            log.info("registering the build in %s (same parameters, made for another store) without rebuilding", out)
+            metrics = json.loads((out / "base_build.json").read_text()).get("metrics", {})
+        else:
+            buffer = tracking.MetricBuffer(mlflow.active_run().info.run_id)
+            metrics = build_base(out, config, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
+                                 seed=a.seed, batch_size=a.batch_size, n_scenes=a.n_scenes,
+                                 n_radiographs=a.n_radiographs, device=a.device, samples=not a.no_samples,
+                                 log_fn=buffer.log)
+            buffer.flush()
+            (out / BUILD_KEY_FILE).write_text(key)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name in ("samples.png", "samples.txt", "base_build.json"):
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name), "base")
         info = log_pipeline(out, name="base", registered_model_name=BASE_MODEL_NAME,
                             resolution=config.resolution)
+        uri = f"models:/{BASE_MODEL_NAME}/{info.registered_model_version}"
         MlflowClient().set_model_version_tag(BASE_MODEL_NAME, info.registered_model_version, "build_key", key)
-        mlflow.set_tag("harness.registered", f"models:/{BASE_MODEL_NAME}/{info.registered_model_version}")
+        mlflow.set_tag("harness.registered", uri)
         print(json.dumps(metrics, indent=2))
-        return metrics
+        return {**metrics, "registered": uri}
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()
