@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 MLFLOW := $(VENV)/bin/mlflow
 # MLproject commands say `python -m ...`: that must be the venv's python.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# `mlflow run` chooses the experiment before a step starts: the README's, not Default.
+export MLFLOW_EXPERIMENT_NAME ?= sd-cxr
 
 .PHONY: venv demo base study report test bench clean
 venv: $(VENV)/.installed
