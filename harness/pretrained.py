@@ -71,13 +71,26 @@ def latest_base_uri() -> str:
     return f"models:/{BASE_MODEL_NAME}/{newest.version}"
 
 
+SAFETY_CHECKER_TAG = "harness.safety_checker"
+
+
 def load_pipeline(name_or_path: str, **kwargs):
-    """Load any pretrained pipeline the way fine-tuning does."""
+    """Load any pretrained pipeline the way fine-tuning does. A checkpoint that ships SD's NSFW
+    safety checker (SD-1.5, SD-2.x) loads without it: that filter blanks images it flags, and it was
+    made for photographs, not radiographs. The active run, if any, is tagged with what was done."""
+    import json
+
     from diffusers import StableDiffusionPipeline
 
     source = resolve(name_or_path)
     try:
-        return StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
                                                        requires_safety_checker=False, **kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(f"could not load pretrained_model {name_or_path!r} ({source}): {exc}") from exc
+    index = Path(source) / "model_index.json"
+    shipped = index.is_file() and (json.loads(index.read_text()).get("safety_checker") or [None])[0] is not None
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(SAFETY_CHECKER_TAG, "disabled (the checkpoint ships one; it would blank radiographs)"
+                       if shipped else "none (the checkpoint has none)")
+    return pipe
