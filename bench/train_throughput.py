@@ -37,8 +37,11 @@ def build_pipeline_dir(preset: str, root: Path) -> Path:
 
 
 def bare_loop(pipe_dir: Path, data: str, steps: int, warmup: int, batch_size: int, resolution: int,
-              lr: float, device: str, dtype: torch.dtype) -> float:
-    """The reference: a plain PyTorch loop over in-memory batches. Returns images/s."""
+              lr: float, device: str, dtype: torch.dtype, channels_last: bool = False, fused_adamw: bool = False,
+              compile: bool = False, sdpa: bool = True, stats: dict | None = None) -> float:
+    """The reference: a plain PyTorch loop over in-memory batches, as diffusers' examples train
+    (defaults: SDPA attention, unfused AdamW, eager). Returns images/s; ``stats`` (if given) gets the
+    peak memory and the FLOPs of one training step."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from harness.data import DataSpec, ImageDataset, load_table, prompts_for_table
@@ -56,12 +59,17 @@ def bare_loop(pipe_dir: Path, data: str, steps: int, warmup: int, batch_size: in
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    if not sdpa:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())  # the pre-torch-2 attention: explicit softmax(QK^T)V
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2, fused=fused_adamw or None)
+    forward = torch.compile(unet) if compile else unet
     generator = torch.Generator().manual_seed(0)
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            start = time.perf_counter()
+
+    def step_once():
         pick = torch.randint(n, (batch_size,), generator=generator)
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             with torch.no_grad():
@@ -69,14 +77,37 @@ def bare_loop(pipe_dir: Path, data: str, steps: int, warmup: int, batch_size: in
                 hidden = text_encoder(ids[pick])[0]
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=device)
-            pred = unet(scheduler.add_noise(latents, noise, t), t, hidden).sample
+            noisy = scheduler.add_noise(latents, noise, t)
+            if channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            pred = forward(noisy, t, hidden).sample
             loss = F.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step_once()
+    if stats is not None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:  # eager, so the counter sees every op
+            saved, forward = forward, unet
+            step_once()
+            forward = saved
+        stats["flops_per_step"] = counter.get_total_flops()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
     _sync(device)
-    return steps * batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_once()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    if stats is not None and device == "cuda":
+        stats["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return steps * batch_size / seconds
 
 
 def harness_loop(pipe_dir: Path, data: str, steps: int, warmup: int, batch_size: int, resolution: int,
