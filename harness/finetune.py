@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -42,9 +45,15 @@ ARMS = {
 NOT_IN_KEY = {"output_dir", "resume", "checkpoint_every", "grid_steps", "grid_seeds", "num_workers",
               "log_every", "experiment", "keep_checkpoints"}
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class OutputDirBusyError(RuntimeError):
+    """Another live process fine-tunes in the same output folder."""
 
 
 def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
@@ -101,8 +110,23 @@ def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto", choices=["auto", "never"])
     p.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.checkpoint_every < 1:
-        p.error("steps, batch_size and checkpoint_every must be positive")
+    # Everything that can be checked before a model loads is checked here, so a typo fails at once.
+    positive = ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
+                "grid_steps", "grid_seeds", "log_every")
+    if bad := [name for name in positive if getattr(args, name) < 1]:
+        p.error(", ".join(f"--{name} {getattr(args, name)}" for name in bad) + ": must be at least 1")
+    not_negative = ("lr_warmup_steps", "resolution", "max_train_images", "num_workers", "max_grad_norm",
+                    "prior_loss_weight")
+    if bad := [name for name in not_negative if not getattr(args, name) >= 0]:
+        p.error(", ".join(f"--{name} {getattr(args, name)}" for name in bad) + ": must not be negative")
+    if not 0.0 < args.learning_rate < float("inf"):
+        p.error(f"--learning_rate {args.learning_rate}: must be positive")
+    if args.prior_preservation and args.num_class_images < 1:
+        p.error(f"--num_class_images {args.num_class_images}: --prior_preservation needs at least 1")
+    try:
+        DataSpec.parse(args.data)
+    except ValueError as err:
+        p.error(f"--data: {err}")
     if not 0.0 <= args.caption_dropout < 1.0 or args.snr_gamma < 0:
         p.error("caption_dropout must be in [0, 1) and snr_gamma not negative")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -124,11 +148,58 @@ def main(argv=None, arm: str | None = None, on_checkpoint=None) -> str:
     args = parse_args(argv, arm)
     key = run_key(args)
     out = Path(args.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{args.arm}-{key}")
-    with tracking.tracked_run(f"{args.arm}", args.experiment, tags={"harness.arm": args.arm,
-                                                                    "harness.run_key": key}) as run:
+    with _locked(out) as lock, tracking.tracked_run(f"{args.arm}", args.experiment,
+                                                    tags={"harness.arm": args.arm, "harness.run_key": key}) as run:
+        lock.holder(run.info.run_id)
         tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
         train(args, key, out, run.info.run_id, on_checkpoint)
         return run.info.run_id
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``<out>/lock``; the file names its holder for the error message."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = open(out / "lock", "a+")  # not "w": truncating before the lock is ours erases the holder
+
+    def acquire(self) -> bool:
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.holder(None)
+        return True
+
+    def holder(self, run_id: str | None) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "run_id": run_id}))
+        self.file.flush()
+
+    def describe(self) -> str:
+        self.file.seek(0)
+        try:
+            h = json.loads(self.file.read())
+        except ValueError:
+            return "another process"
+        return f"process {h['pid']} on {h['host']}" + (f" (MLflow run {h['run_id']})" if h.get("run_id") else "")
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold the output folder for the run's life. Two fine-tunes with the same parameters share it,
+    and the second would resume from the first's checkpoints while it still writes them. The second
+    fails at once rather than waits (a fine-tune can take hours). The kernel drops the lock when the
+    holder dies, even by ``kill -9``, so a stale lock file never blocks a rerun."""
+    lock = _Lock(out)
+    try:
+        if not lock.acquire():
+            raise OutputDirBusyError(f"{out} is in use by {lock.describe()}: wait for it to end, "
+                                     "or pass another --output_dir")
+        yield lock
+    finally:
+        lock.file.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +347,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     emas = _emas(trained, args, accelerator)
 
     # --- resume ------------------------------------------------------------------------------
-    step = _resume(args, key, out, run_id, accelerator)
+    step = _resume(args, key, out, run_id, accelerator, emas, resolution)
     batches = _loop(loader, accelerator.skip_first_batches(loader, step % len(loader)) if step else loader)
     metrics = tracking.MetricBuffer(run_id, flush_every=args.log_every)
     grid_prompts = disease_prompts(labels, **({"template": args.template} if args.template else {}))
@@ -318,13 +389,12 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
         metrics.log(row, step)
         if step % args.checkpoint_every == 0 or step == args.steps:
             metrics.flush()
-            with _averaged(emas):  # the pipeline saved and drawn from holds the averaged weights
-                path = _save_checkpoint(args, out, step, accelerator, pipe)
-                info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
-                mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
-                mlflow.set_tag(tracking.TAG_STEP, str(step))
-                with accelerator.autocast():
-                    grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
+            path = _save_checkpoint(args, out, step, accelerator, pipe, emas)
+            info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
+            mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
+            mlflow.set_tag(tracking.TAG_STEP, str(step))
+            with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
+                grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
             mlflow.log_image(grid, f"grids/step_{step:06d}.png")
             grids.append(first)
             for module in trained.values():
@@ -385,7 +455,10 @@ def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_d
 
 # --- weight averaging ---------------------------------------------------------------------------
 def _emas(trained: dict, args, accelerator) -> list:
-    """One ``EMAModel`` per trained module (none when ``--ema_decay 0``), saved with the state."""
+    """One ``EMAModel`` per trained module (none when ``--ema_decay 0``), saved with the state by
+    ``_save_emas``: not ``accelerator.register_for_checkpointing``, whose state is a pickle that
+    resuming loads with ``torch.load(weights_only=False)``, so a file planted in the output folder
+    would run code."""
     if not args.ema_decay:
         return []
     from diffusers.training_utils import EMAModel
@@ -396,9 +469,33 @@ def _emas(trained: dict, args, accelerator) -> list:
         # 0.99 by step 1000, capped at --ema_decay; early steps are not averaged with the base.
         ema = EMAModel(module.parameters(), decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0,
                        power=2 / 3, foreach=True)  # one fused update, not a Python loop over tensors
-        accelerator.register_for_checkpointing(ema)
         emas.append((module, ema))
     return emas
+
+
+def _save_emas(emas: list, state: Path) -> None:
+    """Each average as tensors (safetensors) and its step count: the rest of its state is the
+    run's arguments, which resuming requires to be the same."""
+    from safetensors.torch import save_file
+
+    for i, (_, ema) in enumerate(emas):
+        save_file({str(j): p.contiguous() for j, p in enumerate(ema.shadow_params)}, state / f"ema_{i}.safetensors",
+                  metadata={"optimization_step": str(ema.optimization_step)})
+
+
+def _load_emas(emas: list, state: Path) -> None:
+    from safetensors import safe_open
+
+    for i, (_, ema) in enumerate(emas):
+        path = state / f"ema_{i}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {state} holds no weight average to resume "
+                                    "(written by an older version?); pass --resume never to start over")
+        device = ema.shadow_params[0].device
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            shadow = [f.get_tensor(str(j)) for j in range(len(ema.shadow_params))]
+            step = int(f.metadata()["optimization_step"])
+        ema.load_state_dict({"optimization_step": step, "shadow_params": shadow})
 
 
 @contextlib.contextmanager
@@ -419,13 +516,16 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
 
 
-def _save_checkpoint(args, out: Path, step: int, accelerator, pipe) -> Path:
-    """Accelerate state (to resume) and a full pipeline (to use), written atomically."""
+def _save_checkpoint(args, out: Path, step: int, accelerator, pipe, emas: list) -> Path:
+    """Accelerate state and weight averages (to resume) and a full pipeline of the averaged weights
+    (to use), written atomically."""
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.save_state(str(tmp / "state"))
-    pipe.save_pretrained(tmp / "pipeline")
+    accelerator.save_state(str(tmp / "state"))  # the raw weights: a resumed run continues their trajectory
+    _save_emas(emas, tmp / "state")
+    with _averaged(emas):
+        pipe.save_pretrained(tmp / "pipeline")
     (tmp / "step.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -434,31 +534,82 @@ def _save_checkpoint(args, out: Path, step: int, accelerator, pipe) -> Path:
     return final
 
 
-def _resume(args, key: str, out: Path, run_id: str, accelerator) -> int:
-    """Restore the newest checkpoint of an earlier run with the same parameters; return its step."""
+def _resume(args, key: str, out: Path, run_id: str, accelerator, emas: list, resolution: int) -> int:
+    """Restore the newest checkpoint of an earlier run with the same parameters; return its step.
+    The caller holds the folder's lock, so the earlier run's process is gone."""
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta and meta["run_key"] != key and args.resume == "auto":
         raise ValueError(f"{out} holds a run with other parameters (key {meta['run_key']} != {key}); "
                          "pass another --output_dir or --resume never")
+    if meta and meta["run_id"] != run_id:
+        _end_previous(meta["run_id"])
     resumable = [c for c in _checkpoints(out) if (c / "state").is_dir()]
     if resumable and json.loads((resumable[-1] / "step.json").read_text())["step"] >= args.steps:
         resumable = []  # that run finished: a rerun trains again rather than logging an empty run
     step = 0
     if args.resume == "auto" and resumable and meta:
         last = resumable[-1]
+        if pickles := sorted((last / "state").glob("custom_checkpoint_*")):
+            # accelerate would unpickle it (weights_only=False), running any code in it
+            raise ValueError(f"{pickles[0]} is a pickle that this version never writes (an older version's "
+                             "weight average, or planted): not loaded. Delete it to resume without it, or "
+                             "pass --resume never")
         accelerator.load_state(str(last / "state"))
+        _load_emas(emas, last / "state")
         step = json.loads((last / "step.json").read_text())["step"]
         previous = meta["run_id"]
         mlflow.set_tags({"harness.resumed_from": previous, "harness.resumed_at_step": str(step)})
         if previous != run_id:
             tracking.copy_metric_history(previous, run_id, ["loss", "lr", "throughput_images_per_s"], step)
-        print(f"resuming from {last} (step {step}) of run {previous}")
+            _adopt_checkpoints(previous, out, step, resolution)
+        log.info("resuming from %s (step %d) of run %s", last, step, previous)
     else:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
     return step
+
+
+def _end_previous(previous: str) -> None:
+    """Clean up after the folder's earlier run: its process is gone (the lock is ours), but a crash
+    that also cut it off from the tracking server, or a kill on another host, which the
+    pid-keyed reaper cannot judge, leaves it RUNNING with its last logged model PENDING."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient()
+    try:
+        status = client.get_run(previous).info.status
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("run %s of this output folder is not in this tracking store: nothing to clean up", previous)
+        return
+    if status == "RUNNING":
+        log.warning("run %s of this output folder is RUNNING but its process is gone: marking it KILLED", previous)
+        tracking.end_dead_run(previous, "its process died without ending the run (found by the next run "
+                                        "in its output folder)", client)
+    elif failed := tracking.fail_pending_models(previous, client):
+        log.warning("run %s left logged models %s PENDING: marked FAILED", previous, failed)
+
+
+def _adopt_checkpoints(previous: str, out: Path, step: int, resolution: int) -> None:
+    """Make the resumed run own every checkpoint up to ``step``, as if it had trained them: the
+    earlier run's checkpoint tags (which it may have copied from its own predecessor), and a
+    checkpoint on disk that the earlier run died before logging, logged now from disk."""
+    from registry.pyfunc import log_pipeline
+
+    prefix = "harness.checkpoint."
+    tags = mlflow.tracking.MlflowClient().get_run(previous).data.tags
+    logged = {int(k[len(prefix):]): v for k, v in tags.items() if k.startswith(prefix)}
+    mlflow.set_tags({f"{prefix}{s:06d}": uri for s, uri in logged.items() if s <= step})
+    for path in _checkpoints(out):
+        s = json.loads((path / "step.json").read_text())["step"]
+        if s <= step and s not in logged:
+            log.warning("checkpoint %s was never logged by run %s: logging it now", path, previous)
+            info = log_pipeline(path / "pipeline", name=f"checkpoint-{s:06d}", resolution=resolution)
+            mlflow.set_tag(f"{prefix}{s:06d}", info.model_uri)
+    mlflow.set_tag(tracking.TAG_STEP, str(step))  # the checkpoint resumed from is logged now, too
 
 
 def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid=None):
@@ -478,4 +629,6 @@ def _grid(pipe, prompts: dict, args, resolution: int, make_image_grid=None):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("harness").setLevel(logging.INFO)
     main()

@@ -4,7 +4,8 @@
   ``MLFLOW_TRACKING_URI`` says otherwise; inside ``mlflow run`` the run and experiment are given.
 - ``tracked_run``: a run that always ends: FINISHED, FAILED (with the error as a tag) or KILLED.
   A process killed with ``kill -9`` cannot end its run, so every ``tracked_run`` first reaps the
-  runs of dead processes on this host (tags ``harness.host``/``harness.pid``/``harness.started``).
+  runs of dead processes on this host (tags ``harness.host``/``harness.pid``/``harness.started``),
+  and fails the logged models they left PENDING.
 - ``MetricBuffer``: per-step metrics written in batches, so tracking costs little per step.
 """
 
@@ -80,10 +81,41 @@ def reap_dead_runs(client: MlflowClient | None = None) -> list[str]:
         pid, started = run.data.tags.get(TAG_PID), run.data.tags.get(TAG_STARTED)
         if pid is None or started is None or _process_alive(int(pid), float(started)):
             continue
-        client.set_tag(run.info.run_id, TAG_ERROR, f"process {pid} on {host} died without ending the run")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        end_dead_run(run.info.run_id, f"process {pid} on {host} died without ending the run", client)
         reaped.append(run.info.run_id)
     return reaped
+
+
+def end_dead_run(run_id: str, reason: str, client: MlflowClient | None = None) -> None:
+    """End the run of a process known to be gone: KILLED, ``reason`` as its error tag, and the
+    logged models it left PENDING marked FAILED."""
+    client = client or MlflowClient()
+    client.set_tag(run_id, TAG_ERROR, reason)
+    client.set_terminated(run_id, status="KILLED")
+    fail_pending_models(run_id, client)
+
+
+def fail_pending_models(run_id: str, client: MlflowClient | None = None) -> list[str]:
+    """Mark FAILED the logged models of ``run_id`` still PENDING. MLflow finalizes a model after
+    its upload; a process killed (or cut off from the tracking server) during the upload leaves it
+    PENDING for good, which reads as "still being written". Call only when no live process logs
+    to the run. Returns the models' ids."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = client or MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    pending, token = [], None
+    while True:  # all pages first: finalizing while paging would shift the pages
+        # status is compared here: a filter on it matches nothing in SQL stores (MLflow 3.x)
+        page = client.search_logged_models([experiment_id], page_token=token,
+                                           filter_string=f"source_run_id = '{run_id}'")
+        pending += [model.model_id for model in page if model.status == LoggedModelStatus.PENDING]
+        token = page.token
+        if not token:
+            break
+    for model_id in pending:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    return pending
 
 
 @contextmanager

@@ -251,3 +251,164 @@ def test_ema_checkpoints_hold_the_warmed_up_average_of_the_raw_weights(mlflow_st
         torch.testing.assert_close(saved[k], average[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(SystemExit):
         finetune.parse_args(["--arm", "dreambooth", "--ema_decay", "1.0"])
+
+
+# --- fault probe (issue 12, section 3) ---------------------------------------------------------
+def _runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
+
+
+def _checkpoint_steps(run_id: str) -> list[int]:
+    tags = MlflowClient().get_run(run_id).data.tags
+    return sorted(int(k.rsplit(".", 1)[1]) for k in tags if k.startswith("harness.checkpoint."))
+
+
+def test_resumed_run_owns_every_checkpoint_of_the_run_it_continues(mlflow_store, tiny_phantom, tiny_pipeline_dir,
+                                                                  tmp_path, monkeypatch):
+    """Killed while logging the step-4 checkpoint (on disk, its logged model PENDING): the rerun
+    lists steps 2 (logged by the first run), 4 (logged now, from disk) and 6, and the first run's
+    half-logged model is FAILED."""
+    import registry.pyfunc
+
+    from harness.generate import checkpoint_uri
+
+    out, real = tmp_path / "out", registry.pyfunc.log_pipeline
+
+    def killed_at_step_4(path, name, **kwargs):
+        if name == "checkpoint-000004":
+            mlflow.initialize_logged_model(name=name)  # what the upload had got to: a PENDING model
+            raise KeyboardInterrupt
+        return real(path, name=name, **kwargs)
+
+    monkeypatch.setattr(registry.pyfunc, "log_pipeline", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 6, 2), arm="dreambooth")
+    (first,) = _runs()
+    assert _checkpoint_steps(first.info.run_id) == [2]
+    monkeypatch.setattr(registry.pyfunc, "log_pipeline", real)
+
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 6, 2), arm="dreambooth")
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.tags["harness.resumed_at_step"] == "4"
+    assert _checkpoint_steps(run_id) == [2, 4, 6]
+    assert checkpoint_uri(run_id, 2) == first.data.tags["harness.checkpoint.000002"]  # the pipeline's lookup
+    assert pipeline_dir_of(checkpoint_uri(run_id, 4), tmp_path / "dl").is_dir()
+    models = client.search_logged_models([first.info.experiment_id],
+                                         filter_string=f"source_run_id = '{first.info.run_id}'")
+    assert {m.name: str(m.status) for m in models} == {"checkpoint-000002": "READY", "checkpoint-000004": "FAILED"}
+
+
+def test_second_fine_tune_in_the_same_folder_fails_at_once_naming_the_holder(mlflow_store, tiny_phantom,
+                                                                              tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from harness import finetune\n"
+         "with finetune._locked(Path(sys.argv[1])) as lock:\n"
+         "    lock.holder('run-of-the-first'); print('locked', flush=True); time.sleep(120)", str(out)],
+        env={**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parents[1])}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (out / "run.json").write_text('{"run_key": "x", "run_id": "y"}')
+        started = time.perf_counter()
+        with pytest.raises(finetune.OutputDirBusyError, match=f"process {holder.pid} .*run-of-the-first"):
+            finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth")
+        assert time.perf_counter() - started < 5
+        assert _runs() == [] and (out / "run.json").read_text() == '{"run_key": "x", "run_id": "y"}'
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / "run.json").unlink()
+    # the holder is gone, so is its lock
+    assert MlflowClient().get_run(finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2),
+                                                arm="dreambooth")).info.status == "FINISHED"
+
+
+class _Planted:
+    """A pickle that, once loaded, creates the file named by ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_resume_loads_no_pickle_from_the_output_folder_and_restores_the_weight_average(
+        mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    def stop_at_2(step, run_id):
+        if step == 2:
+            raise RuntimeError("stopped")
+
+    whole, out = tmp_path / "whole", tmp_path / "out"
+    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, whole, 4, 2, "--ema_decay", "0.9"), arm="dreambooth")
+    with pytest.raises(RuntimeError, match="stopped"):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2, "--ema_decay", "0.9"), arm="dreambooth",
+                      on_checkpoint=stop_at_2)
+    state = out / "checkpoints" / "step_000002" / "state"
+    marker = tmp_path / "pwned"
+    torch.save(_Planted(marker), state / "custom_checkpoint_0.pkl")
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl is a pickle that this version never writes"):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2, "--ema_decay", "0.9"), arm="dreambooth")
+    assert not marker.exists()
+
+    (state / "custom_checkpoint_0.pkl").unlink()
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2, "--ema_decay", "0.9"), arm="dreambooth")
+    assert MlflowClient().get_run(run_id).data.tags["harness.resumed_at_step"] == "2"
+    assert sorted(p.name for p in state.glob("ema_*")) == ["ema_0.safetensors"]
+    # interrupted and resumed, the step-4 average is the uninterrupted run's: the average was restored
+    resumed = _weights(out / "checkpoints" / "step_000004" / "pipeline", "unet")
+    expected = _weights(whole / "checkpoints" / "step_000004" / "pipeline", "unet")
+    for k in expected:
+        torch.testing.assert_close(resumed[k], expected[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
+    (["--learning_rate", "-0.001"], "--learning_rate -0.001: must be positive"),
+    (["--learning_rate", "0"], "--learning_rate 0.0: must be positive"),
+    (["--learning_rate", "nan"], "--learning_rate nan: must be positive"),
+    (["--prior_preservation", "--num_class_images", "0"], "--num_class_images 0: --prior_preservation needs at least 1"),
+    (["--data", "dicom:/data/x"], "unknown data format 'dicom'"),
+    (["--data", "/data/CheXpert-v1.0-small"], "has no format"),
+    (["--log_every", "0"], "--log_every 0: must be at least 1"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1: must not be negative"),
+])
+def test_bad_arguments_fail_before_any_model_loads(extra, message, capsys):
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args(["--arm", "dreambooth", *extra])
+    assert exit_info.value.code == 2 and time.perf_counter() - started < 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["this", "another"])
+def test_rerun_cleans_up_a_run_that_died_with_the_tracking_server(host, mlflow_store, tiny_phantom,
+                                                                  tiny_pipeline_dir, tmp_path):
+    """A tracking-server outage crashed the fine-tune where it could not end its run: RUNNING, a
+    dead pid, a PENDING logged model. The rerun of the same command ends it (also when it ran on
+    another host, which the pid-keyed reaper cannot judge) and fails the model."""
+    import socket
+
+    def crash_at_2(step, run_id):
+        raise RuntimeError("tracking server unreachable")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2), arm="dreambooth", on_checkpoint=crash_at_2)
+    (crashed,) = _runs()
+    client, dead_id = MlflowClient(), crashed.info.run_id
+    # ... as the outage left it: never ended, its process gone, an upload never finalized
+    client.update_run(dead_id, status="RUNNING")
+    client.set_tag(dead_id, "harness.pid", "999999999")
+    client.set_tag(dead_id, "harness.host", socket.gethostname() if host == "this" else "elsewhere")
+    pending = client.create_logged_model(crashed.info.experiment_id, name="checkpoint-000004",
+                                         source_run_id=dead_id)
+    assert str(client.get_logged_model(pending.model_id).status) == "PENDING"
+
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2), arm="dreambooth")
+    assert client.get_run(dead_id).info.status == "KILLED"
+    assert str(client.get_logged_model(pending.model_id).status) == "FAILED"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["harness.resumed_from"] == dead_id

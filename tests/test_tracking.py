@@ -42,3 +42,22 @@ def test_log_input_raises_other_errors_at_once(monkeypatch):
     with pytest.raises(MlflowException, match="run not found"):
         tracking.log_input(object(), context="training")
     assert calls == ["training"]
+
+
+def test_reaper_fails_the_pending_models_of_the_runs_it_reaps(mlflow_store):
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.create_experiment("e")
+    dead = client.create_run(experiment, tags={tracking.TAG_HOST: socket.gethostname(), tracking.TAG_PID: "999999999",
+                                               tracking.TAG_STARTED: "0.0"})
+    pending = client.create_logged_model(experiment, name="checkpoint-000010", source_run_id=dead.info.run_id)
+    ready = client.create_logged_model(experiment, name="checkpoint-000005", source_run_id=dead.info.run_id)
+    client.finalize_logged_model(ready.model_id, "READY")
+
+    assert tracking.reap_dead_runs(client) == [dead.info.run_id]
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert str(client.get_logged_model(pending.model_id).status) == "FAILED"
+    assert str(client.get_logged_model(ready.model_id).status) == "READY"
