@@ -204,7 +204,9 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
         noisy = scheduler.add_noise(z, noise, t)
         hidden = text_encoder(batch_ids.to(device))[0]
         pred = unet(noisy.to(device), t.to(device), hidden).sample
-        loss = F.mse_loss(pred.float(), noise.to(device))
+        # the scheduler's own parameterisation: SD-1.x predicts the noise, SD-2.x the velocity
+        target = scheduler.get_velocity(z, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(pred.float(), target.to(device))
         identity = torch.zeros(())
         if identity_weight > 0:
             pick = torch.randint(len(text_ids), (2 * batch_size,), generator=g)
