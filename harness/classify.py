@@ -79,7 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test", default="phantom", help="real data set whose test split is scored once")
     p.add_argument("--test_split", default="test", choices=["test", "valid"],
                    help="split of --test that is scored: 'valid' for tuning (harness.tune), so that the "
-                        "test split stays unseen until the chosen configuration is scored once")
+                        "test split stays unseen until the chosen configuration is scored once. A chexpert "
+                        "folder without test.csv (CheXpert-v1.0-small) scores valid.csv as 'test' and has a "
+                        "seeded patient-wise hold-out of train.csv as 'valid' (harness.data.datasets)")
     p.add_argument("--labels", default="", help="comma-separated labels (default: the data sets' own)")
     p.add_argument("--model", default="small_cnn", choices=CLASSIFIERS)
     p.add_argument("--resolution", type=int_arg, default=64)
@@ -159,7 +161,10 @@ def load_tables(args) -> tuple[dict[str, pd.DataFrame], list[str]]:
     for name in ("train", "valid"):
         shared = set(tables[name]["path"]) & set(tables["test"]["path"])
         if shared:
-            raise ValueError(f"{len(shared)} test image(s) are also in the {name} data, e.g. {min(shared)}")
+            # The usual cause: --test_split valid on the data that also selects the model.
+            hint = (" (--test_split valid scores the split that selects the model; pass --valid with other data)"
+                    if name == "valid" and args.test_split == "valid" else "")
+            raise ValueError(f"{len(shared)} test image(s) are also in the {name} data, e.g. {min(shared)}{hint}")
     return tables, labels
 
 

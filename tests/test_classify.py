@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from harness import classify
-from harness.data import load_table
+from harness.data import HOLDOUT_FRACTION, load_table
 from harness.pathologies import FINDINGS
 
 FAST = ["--epochs", "1", "--batch_size", "8", "--n_resamples", "100", "--threads", "1"]
@@ -111,11 +111,11 @@ def test_label_mismatch_and_empty_data_are_clear_errors(mlflow_store, tiny_phant
                            "split": ["train"] * 8 + ["valid"] * 4, "view": "frontal",
                            "RG": [0, 1] * 6, "NRG": [1, 0] * 6})
     labels.to_csv(folder / "labels.csv", index=False)
-    with pytest.raises(ValueError, match="label sets differ"):
-        classify.main(["--train", f"folder:{folder}", "--test", f"chexpert:{tiny_phantom}", *FAST])
+    with pytest.raises(ValueError, match="label sets differ"):  # (its paths are absolute: allowed)
+        classify.main(["--train", f"folder:{folder}?absolute=1", "--test", f"chexpert:{tiny_phantom}", *FAST])
     # A test split with no rows: this folder set has none.
     with pytest.raises(ValueError, match="no rows"):
-        classify.main(["--train", f"folder:{folder}", "--test", f"folder:{folder}", *FAST])
+        classify.main(["--train", f"folder:{folder}?absolute=1", "--test", f"folder:{folder}?absolute=1", *FAST])
     runs = mlflow.search_runs()
     assert set(runs["status"]) == {"FAILED"} and len(runs) == 2
 
@@ -129,3 +129,29 @@ def test_mix_keeps_the_training_size_at_the_ratio(tiny_phantom):
     assert mixed.attrs["labels"] == train.attrs["labels"]
     with pytest.raises(ValueError, match="needs"):
         classify._mix(train, real, 0.9, seed=0)
+
+
+def test_chexpert_small_as_shipped_scores_valid_csv_and_selects_on_a_train_holdout(mlflow_store, tiny_phantom, tmp_path):
+    """CheXpert-v1.0-small ships train.csv and valid.csv only: valid.csv is scored as the test split,
+    the model is selected on a seeded patient-wise hold-out of train.csv, and training never sees it."""
+    small = tmp_path / "CheXpert-v1.0-small"
+    shutil.copytree(tiny_phantom, small)
+    (small / "test.csv").unlink()
+    run = mlflow.get_run(classify.main(_args(small)))
+    assert run.info.status == "FINISHED"
+    official = load_table(f"chexpert:{small}?holdout=0", "valid")
+    assert sorted(_predictions(run.info.run_id)["path"]) == sorted(official["path"])
+
+    summaries = {name: mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/data/{name}_summary.json")
+                 for name in ("train", "valid", "test")}
+    holdout = summaries["valid"]["holdout"]
+    assert holdout["fraction"] == HOLDOUT_FRACTION and holdout["seed"] == 0 and holdout["of"] == "train.csv"
+    assert summaries["test"]["split_source"].startswith("valid.csv")
+    train, valid = load_table(f"chexpert:{small}", "train"), load_table(f"chexpert:{small}", "valid")
+    assert set(train["patient"]).isdisjoint(valid["patient"])
+    assert int(run.data.params["n_train_images"]) == len(train) and int(run.data.params["n_valid_images"]) == len(valid)
+    assert len(train) + len(valid) == len(load_table(f"chexpert:{small}?holdout=0", "train"))
+
+    # Scoring the split that selects the model is refused, and the error says how to avoid it.
+    with pytest.raises(ValueError, match="also in the valid data.*pass --valid with other data"):
+        classify.main(_args(small, None, "--test_split", "valid"))

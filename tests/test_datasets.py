@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import DataSpec, ImageDataset, load_table, summarize
+from harness.data import HOLDOUT_FRACTION, DataSpec, ImageDataset, load_table, summarize
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 
 # ------------------------------------------------------------------------------------ builders
@@ -136,7 +137,7 @@ def test_parse_errors(text, message):
     with pytest.raises(ValueError, match=message) as err:
         DataSpec.parse(text)
     if "format" in message:
-        assert "chexpert, mimic, folder, phantom" in str(err.value)
+        assert "chexpert, mimic, folder, csv, imagefolder, phantom" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------ chexpert
@@ -290,6 +291,247 @@ def test_folder_without_split_column_is_all_train(tmp_path):
         load_table(f"folder:{root}", split="valid", views="all")
 
 
+# ------------------------------------------------------------------------------------ as shipped
+
+
+def write_chexpert_small(root, n_patients=20, n_valid=3):
+    """CheXpert-v1.0-small as it ships: train.csv and valid.csv only, some train patients with
+    two studies and a lateral, valid patients numbered after the train ones (as in the archive)."""
+    rows = []
+    for p in range(1, n_patients + 1):
+        rows.append(("train", p, 1, "view1_frontal.jpg", "Frontal", "PA", {"Edema": p % 2}))
+        if p % 3 == 0:
+            rows.append(("train", p, 1, "view2_lateral.jpg", "Lateral", None, {"Edema": p % 2}))
+            rows.append(("train", p, 2, "view1_frontal.jpg", "Frontal", "AP", {"Cardiomegaly": 1}))
+    for p in range(n_patients + 1, n_patients + n_valid + 1):
+        rows.append(("valid", p, 1, "view1_frontal.jpg", "Frontal", "AP", {"Edema": 1}))
+    write_chexpert(root, rows=rows)
+    (root / "test.csv").unlink()
+    return root
+
+
+def test_chexpert_small_scores_valid_csv_as_test_and_holds_out_train_patients(tmp_path):
+    root = write_chexpert_small(tmp_path / "CheXpert-v1.0-small")
+    spec = f"chexpert:{root}"
+    train, valid, test = (load_table(spec, s, views="all") for s in ("train", "valid", "test"))
+    official = pd.read_csv(root / "valid.csv")
+    assert sorted(test["path"]) == sorted(str(root / p.removeprefix("CheXpert-v1.0-small/")) for p in official["Path"])
+    # valid: a patient-wise hold-out of train.csv, HOLDOUT_FRACTION of its patients; train loses them
+    everything = load_table(f"{spec}?holdout=0", "train", views="all")
+    assert sorted(train["path"].tolist() + valid["path"].tolist()) == sorted(everything["path"])
+    assert set(train["patient"]).isdisjoint(valid["patient"]) and set(test["patient"]).isdisjoint(train["patient"])
+    assert valid["patient"].nunique() == round(HOLDOUT_FRACTION * everything["patient"].nunique()) == 2
+    # a held-out patient takes all their images along, whatever the views filter
+    assert set(load_table(spec, "valid")["patient"]) == set(valid["patient"])
+    # the hold-out is visible in the table and in what is logged
+    for table in (train, valid):
+        assert table.attrs["holdout"] == summarize(table)["holdout"]
+        assert table.attrs["holdout"]["fraction"] == HOLDOUT_FRACTION and table.attrs["holdout"]["seed"] == 0
+    assert "hold-out (10% of the patients, seed 0) of train.csv" in summarize(valid)["split_source"]
+    assert summarize(test)["split_source"].startswith("valid.csv")
+
+
+def test_chexpert_holdout_is_seeded_and_deterministic(tmp_path):
+    root = write_chexpert_small(tmp_path / "a" / "CheXpert-v1.0-small", n_patients=40)
+    held = lambda spec: sorted(load_table(spec, "valid", views="all")["patient"].unique())
+    first = held(f"chexpert:{root}")
+    assert held(f"chexpert:{root}") == first and len(first) == 4
+    # the same patients when the archive lies elsewhere or train.csv lists its rows in another order
+    moved = tmp_path / "b" / "CheXpert-v1.0-small"
+    shutil.copytree(root, moved)
+    pd.read_csv(moved / "train.csv").iloc[::-1].to_csv(moved / "train.csv", index=False)
+    assert held(f"chexpert:{moved}") == first
+    # the seed and the fraction are options of the spec
+    assert held(f"chexpert:{root}?seed=1") != first
+    assert len(held(f"chexpert:{root}?holdout=0.2")) == 8
+    assert set(first) < set(pd.read_csv(root / "train.csv")["Path"].str.extract(r"(patient\d+)")[0])
+
+
+def test_chexpert_with_test_csv_or_generated_keeps_its_valid_csv(tmp_path):
+    official = write_chexpert(tmp_path / "full")
+    assert load_table(f"chexpert:{official}", "valid")["patient"].tolist() == ["patient00003"]
+    with pytest.raises(ValueError, match=r"holdout applies to a chexpert folder without test.csv, and .* has one"):
+        load_table(f"chexpert:{official}?holdout=0.1", "valid")
+    # harness.generate's folders (generate.json beside them) wrote valid.csv for model selection
+    generated = write_chexpert_small(tmp_path / "gen" / "CheXpert-v1.0-small")
+    (generated.parent / "generate.json").write_text("{}\n")
+    valid = load_table(f"chexpert:{generated}", "valid", views="all")
+    assert valid["patient"].tolist() == ["patient00021", "patient00022", "patient00023"]
+    assert len(load_table(f"chexpert:{generated}", "train", views="all")) == len(pd.read_csv(generated / "train.csv"))
+    with pytest.raises(FileNotFoundError, match="test.csv does not exist"):
+        load_table(f"chexpert:{generated}", "test")
+
+
+def test_spec_options_round_trip_and_are_checked(tmp_path):
+    text = f"csv:{tmp_path}?file=train_labels.csv&path=challenge_id&label=class&suffix=.jpg&find=1"
+    spec = DataSpec.parse(text)
+    assert spec.path == tmp_path and spec.option("label") == "class" and spec.option("find") is True
+    assert DataSpec.parse(str(spec)) == spec
+    assert DataSpec.parse(f"folder:{tmp_path}?label=Pleural%20Effusion").option("label") == "Pleural Effusion"
+    assert DataSpec.parse("phantom?holdout=0").option("holdout") == 0.0
+    for bad, message in [
+        (f"csv:{tmp_path}?colour=red", "unknown option 'colour'; csv takes file, path, label"),
+        (f"mimic:{tmp_path}?holdout=0.1", "mimic takes no options"),
+        (f"chexpert:{tmp_path}?holdout=0.7", r"holdout='0.7' is not a fraction in \[0, 0.5\)"),
+        (f"chexpert:{tmp_path}?seed=x", "seed='x' is not an integer"),
+        (f"csv:{tmp_path}?find=maybe", "find='maybe' is not 1, 0, true or false"),
+        (f"csv:{tmp_path}?path=a&path=b", "option 'path' is given twice"),
+        (f"csv:{tmp_path}?path", "key=value"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DataSpec.parse(bad)
+
+
+def write_airogs(root, n=20):
+    """The AIROGS layout: train_labels.csv (challenge_id,class with RG/NRG) and the images in
+    numbered folders 0/, 1/, ... under their challenge ids."""
+    rows = []
+    for i in range(n):
+        write_image(root / str(i // 8) / f"TRAIN{i:06d}.jpg", size=(12, 12), mode="RGB")
+        rows.append({"challenge_id": f"TRAIN{i:06d}", "class": "RG" if i % 4 == 0 else "NRG"})
+    pd.DataFrame(rows).to_csv(root / "train_labels.csv", index=False)
+    return root
+
+
+AIROGS = "?file=train_labels.csv&path=challenge_id&label=class&suffix=.jpg&find=1"
+
+
+def test_airogs_layout_reads_as_shipped(tmp_path):
+    root = write_airogs(tmp_path / "airogs")
+    spec = f"csv:{root}{AIROGS}"
+    tables = {s: load_table(spec, s, views="all") for s in ("train", "valid", "test")}
+    assert tables["train"].attrs["labels"] == ["NRG", "RG"]  # one one-hot label per class value
+    for table in tables.values():
+        ids = table["path"].map(lambda p: Path(p).stem)
+        number = ids.str[-6:].astype(int)
+        assert (table["RG"] == (number % 4 == 0)).all() and (table["NRG"] == 1 - table["RG"]).all()
+        assert all(Path(p).parent.name == str(n // 8) for p, n in zip(table["path"], number))  # found in 0/, 1/, 2/
+    # no split column: valid and test are two disjoint seeded hold-outs, train is the rest
+    paths = [set(t["path"]) for t in tables.values()]
+    assert sum(map(len, paths)) == 20 and len(set.union(*paths)) == 20
+    assert len(paths[1]) == len(paths[2]) == 2
+    assert tables["test"].attrs["holdout"]["splits"] == ["valid", "test"]
+    assert load_table(spec, "valid", views="all", labels=["RG"]).columns[-1] == "RG"
+    # the same images are held out wherever the folder lies (ids, not absolute paths, are hashed)
+    moved = shutil.copytree(root, tmp_path / "elsewhere")
+    held = lambda r: sorted(Path(p).name for p in load_table(f"csv:{r}{AIROGS}", "test", views="all")["path"])
+    assert held(moved) == held(root)
+    # without find=1 the bare ids are not where the CSV says, and the error says what to add
+    with pytest.raises(FileNotFoundError, match="add find=1"):
+        load_table(f"csv:{root}?file=train_labels.csv&path=challenge_id&label=class&suffix=.jpg", views="all")
+    with pytest.raises(ValueError, match=r"train_labels.csv: column 'class' has values \['NRG', 'RG'\]"):
+        load_table(f"csv:{root}?file=train_labels.csv&path=challenge_id&suffix=.jpg&find=1", views="all")
+
+
+def test_label_csv_holds_out_whole_patients_and_blank_classes_are_unknown(tmp_path):
+    rows = []
+    for p in range(12):
+        for eye in ("left", "right"):
+            write_image(tmp_path / f"{p}_{eye}.png", mode="L")
+            rows.append({"image": f"{p}_{eye}.png", "subject": f"s{p}", "grade": "" if p == 0 else "ab"[p % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "grades.csv", index=False)
+    spec = f"csv:{tmp_path}?file=grades.csv&path=image&label=grade&patient=subject"
+    tables = [load_table(spec, s, views="all") for s in ("train", "valid", "test")]
+    patients = [set(t["patient"]) for t in tables]
+    assert len(set.union(*patients)) == 12 and sum(map(len, patients)) == 12  # disjoint by patient
+    assert all((t.groupby("patient").size() == 2).all() for t in tables)  # both eyes on one side
+    both = pd.concat(tables)
+    assert both.loc[both["patient"] == "s0", ["a", "b"]].isna().all().all()
+    with pytest.raises(ValueError, match=r"is missing column\(s\) \['subject_id'\]"):
+        load_table(f"csv:{tmp_path}?file=grades.csv&path=image&label=grade&patient=subject_id", views="all")
+
+
+def test_label_csv_paths_stay_inside_the_data_folder(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "in.jpg")
+    write_image(tmp_path / "outside.jpg")
+    for value, message in [("../outside.jpg", r"column 'path' has '../outside.jpg', which is outside"),
+                           ("img/../../outside.jpg", "which is outside"),
+                           (str(tmp_path / "outside.jpg"), "has an absolute path .*add absolute=1")]:
+        pd.DataFrame({"path": ["in.jpg", value], "RG": [1, 0]}).to_csv(root / "labels.csv", index=False)
+        with pytest.raises(ValueError, match=message):
+            load_table(f"folder:{root}", views="all")
+    # an absolute path the user allows
+    table = load_table(f"folder:{root}?absolute=1", views="all")
+    assert table["path"].tolist() == [str(root / "in.jpg"), str(tmp_path / "outside.jpg")]
+    # the label CSV itself, and metadata.csv paths of an imagefolder, are held to the same rule
+    (root / "sub").mkdir()
+    with pytest.raises(ValueError, match=r"file='../labels.csv' is outside"):
+        load_table(f"csv:{root / 'sub'}?file=../labels.csv", views="all")
+    (root / "labels.csv").unlink()
+    pd.DataFrame({"file_name": ["in.jpg", "../outside.jpg"], "RG": [1, 0]}).to_csv(root / "metadata.csv", index=False)
+    with pytest.raises(ValueError, match=r"metadata.csv: column 'file_name' has '../outside.jpg', which is outside"):
+        load_table(f"imagefolder:{root}", views="all")
+
+
+def test_find_refuses_a_file_name_found_twice(tmp_path):
+    write_airogs(tmp_path)
+    write_image(tmp_path / "9" / "TRAIN000003.jpg")
+    with pytest.raises(ValueError, match=r"find=1: 'TRAIN000003.jpg' is in 2 places"):
+        load_table(f"csv:{tmp_path}{AIROGS}", views="all")
+
+
+def test_folder_holds_out_only_when_asked(tmp_path):
+    root = write_folder(tmp_path, with_split=False)
+    assert load_table(f"folder:{root}", views="all").attrs["split_source"] == "labels.csv"
+    with pytest.raises(ValueError, match=r"4 patient\(s\) are too few for 2 hold-out\(s\) of 49%"):
+        load_table(f"folder:{root}?holdout=0.49", "valid", views="all")  # 2 + 2 would leave no train
+    more = write_airogs(tmp_path / "more")
+    pd.read_csv(more / "train_labels.csv").rename(columns={"challenge_id": "path"}).assign(
+        path=lambda d: [f"{i // 8}/{c}.jpg" for i, c in enumerate(d["path"])]).to_csv(more / "labels.csv", index=False)
+    spec = f"folder:{more}?label=class&holdout=0.1"
+    assert len(load_table(spec, "test", views="all")) == 2 and len(load_table(spec, views="all")) == 16
+
+
+def test_hf_imagefolder_metadata_and_split_folders(tmp_path):
+    for split, n in [("train", 10), ("test", 3)]:
+        rows = []
+        for i in range(n):
+            write_image(tmp_path / split / "images" / f"{i}.png", mode="L")
+            rows.append({"file_name": f"images/{i}.png", "Edema": i % 2, "text": "a caption",
+                         "finding": "edema" if i % 2 else "none"})
+        pd.DataFrame(rows).to_csv(tmp_path / split / "metadata.csv", index=False)
+    # numeric label columns, other columns named as labels or not: text is not a 1/0 label
+    with pytest.raises(ValueError, match=r"column 'text' has values \['a caption'\]"):
+        load_table(f"imagefolder:{tmp_path}", views="all")
+    train = load_table(f"imagefolder:{tmp_path}", views="all", labels=["Edema"])
+    test = load_table(f"imagefolder:{tmp_path}", "test", views="all", labels=["Edema"])
+    valid = load_table(f"imagefolder:{tmp_path}", "valid", views="all", labels=["Edema"])
+    assert len(test) == 3 and all("/test/images/" in p for p in test["path"])
+    # no validation/ folder: valid is a hold-out of train/, which train then loses
+    assert len(train) == 9 and len(valid) == 1 and set(train["path"]).isdisjoint(valid["path"])
+    assert valid.attrs["holdout"]["splits"] == ["valid"]
+    assert train["Edema"].tolist() == [float(Path(p).stem) % 2 for p in train["path"]]
+    cat = load_table(f"imagefolder:{tmp_path}?label=finding", "test", views="all")
+    assert cat.attrs["labels"] == ["edema", "none"] and cat["edema"].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_torchvision_imagefolder_class_folders(tmp_path):
+    flat = tmp_path / "flat"
+    for cls, n in [("glaucoma", 4), ("healthy", 8)]:
+        for i in range(n):
+            write_image(flat / cls / f"{i}.jpg", mode="RGB")
+    (flat / "healthy" / "notes.txt").write_text("not an image\n")
+    tables = [load_table(f"imagefolder:{flat}", s, views="all") for s in ("train", "valid", "test")]
+    assert tables[0].attrs["labels"] == ["glaucoma", "healthy"]
+    assert [len(t) for t in tables] == [10, 1, 1]
+    both = pd.concat(tables)
+    assert (both["glaucoma"] == both["path"].str.contains("/glaucoma/")).all() and (both["healthy"] == 1 - both["glaucoma"]).all()
+    # train/ and val/ trees, as torchvision users keep them: val/ is valid, test is held out of train/
+    tree = tmp_path / "tree"
+    for split in ("train", "val"):
+        for cls in ("glaucoma", "healthy"):
+            for i in range(5):
+                write_image(tree / split / cls / f"{i}.jpg", mode="RGB")
+    valid = load_table(f"imagefolder:{tree}", "valid", views="all")
+    test = load_table(f"imagefolder:{tree}", "test", views="all")
+    assert len(valid) == 10 and all("/val/" in p for p in valid["path"])
+    assert len(test) == 1 and "/train/" in test["path"].iloc[0]
+    assert test["path"].iloc[0] not in set(load_table(f"imagefolder:{tree}", views="all")["path"])
+    with pytest.raises(FileNotFoundError, match="neither a metadata.csv nor class folders"):
+        load_table(f"imagefolder:{tmp_path / 'flat' / 'healthy'}", views="all")
+
+
 # ------------------------------------------------------------------------------------ bad data
 
 
@@ -345,8 +587,11 @@ def test_bad_arguments_and_missing_dir(tmp_path):
         load_table(f"chexpert:{tmp_path}", split="validate")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_table(f"chexpert:{tmp_path / 'nope'}")
-    with pytest.raises(FileNotFoundError, match=r"valid.csv does not exist"):
+    # without test.csv the valid split is a hold-out of train.csv, so that is the file it needs
+    with pytest.raises(FileNotFoundError, match=r"train.csv does not exist \(split 'valid' reads train.csv"):
         load_table(f"chexpert:{tmp_path}", split="valid")
+    with pytest.raises(FileNotFoundError, match=r"valid.csv does not exist"):
+        load_table(f"chexpert:{tmp_path}?holdout=0", split="valid")
 
 
 # ------------------------------------------------------------------------------------ images

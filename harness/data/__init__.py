@@ -1,6 +1,6 @@
-"""Data sets (``FORMAT:PATH``), their tables and image tensors, and prompts built from labels."""
+"""Data sets (``FORMAT:PATH[?options]``), their tables and image tensors, and prompts built from labels."""
 
-from harness.data.datasets import CachedImages, DataSpec, ImageDataset, load_table, summarize
+from harness.data.datasets import HOLDOUT_FRACTION, CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.prompts import (
     DEFAULT_TEMPLATE,
     NO_FINDING_TEMPLATE,
@@ -12,6 +12,7 @@ from harness.data.prompts import (
 __all__ = [
     "CachedImages",
     "DataSpec",
+    "HOLDOUT_FRACTION",
     "load_table",
     "ImageDataset",
     "summarize",
