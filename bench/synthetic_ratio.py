@@ -62,7 +62,7 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
         rows[job["split"]].append({"Path": path, "Frontal/Lateral": "Frontal", **generate.label_cells(job["labels"])})
     for split, split_rows in rows.items():
         write_csv(out / ARCHIVE / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
-    return f"chexpert:{out / ARCHIVE}"
+    return f"chexpert:{out / ARCHIVE}?holdout=0"  # its valid.csv is the generated valid split, as generate writes it
 
 
 def adherence(data: str, classifier_run: str, real: str, seed: int = 0) -> tuple[dict, dict]:

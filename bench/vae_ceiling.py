@@ -77,7 +77,7 @@ def main(argv=None) -> float:
         from mlflow.tracking import MlflowClient
 
         real = MlflowClient().get_run(classify.main(["--train", str(spec), *common])).data.metrics["auc_macro"]
-        decoded = MlflowClient().get_run(classify.main(["--train", f"chexpert:{recon}", "--valid", str(spec),
+        decoded = MlflowClient().get_run(classify.main(["--train", f"chexpert:{recon}?holdout=0", "--valid", str(spec),
                                                         *common])).data.metrics["auc_macro"]
     print(f"real train images          : macro AUC {real:.3f}")
     print(f"VAE round-tripped images   : macro AUC {decoded:.3f}")
