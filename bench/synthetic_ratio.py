@@ -43,7 +43,7 @@ def oracle_data(out: Path, n_per_prompt: int, seed: int, prompts: str = "disease
     from PIL import Image
 
     from harness import generate
-    from harness.data.datasets import write_csv
+    from harness.data.layout import write_csv
     from harness.data.phantom import ARCHIVE, JPEG_QUALITY, render
     from harness.pathologies import CHEXPERT_COLUMNS, FINDINGS
 

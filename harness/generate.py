@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from harness import tracking
 from harness.data import DataSpec, disease_prompts, load_table, summarize
-from harness.data.datasets import write_csv
+from harness.data.layout import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
 from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE, make_prompt
 from harness.grids import labelled_grid

@@ -940,15 +940,3 @@ class CachedImages(torch.utils.data.Dataset):
         if size <= self.cache_left:
             self.cache[i], self.cache_left = item, self.cache_left - size
         return item
-
-
-def write_csv(path, header: list[str], rows: list[dict]) -> None:
-    """Write rows as a CSV the loaders read (the CheXpert split files are written this way)."""
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)

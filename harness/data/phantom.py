@@ -34,7 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from harness.data.datasets import write_csv
+from harness.data.layout import write_csv
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 
 GENERATOR_VERSION = 2  # bump when the output for given parameters changes: it keys ensure_phantom's cache
