@@ -67,6 +67,7 @@ from harness.cli import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table
 from harness.data.datasets import SPLITS, image_tensor
 from harness.data.phantom import phantom_params
+from harness.generate import generated_source, judged, source_tags
 from harness.metrics import nan_mean, per_label_auc
 
 VIEW_LABEL = "lateral"  # the view classifier's one output: P(lateral)
@@ -449,6 +450,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resolution < 16 or min(args.view_epochs, args.batch_size, args.n_pairs) < 1:
         p.error("resolution must be at least 16 and view_epochs, batch_size, n_pairs positive")
+    for flag in ("generated", "real"):  # an unknown format fails here, before any training
+        try:
+            DataSpec.parse(getattr(args, flag))
+        except ValueError as err:
+            p.error(f"--{flag}: {err}")
     return args
 
 
@@ -457,8 +463,11 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
+    source = generated_source(args.generated)  # which checkpoint's images: the run's name and tags
+    name = f"checks · {judged(source)}" if source is not None else "checks"
     try:
-        with tracking.tracked_run("checks", args.experiment, tags={"harness.entry_point": "checks"}) as run:
+        with tracking.tracked_run(name, args.experiment,
+                                  tags={"harness.entry_point": "checks", **source_tags(source)}) as run:
             tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
             run_checks(args)
             return run.info.run_id

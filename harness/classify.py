@@ -107,6 +107,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--mix_ratio {args.mix_ratio} is not in [0, 1]")
     if not 0.0 < args.confidence < 1.0:
         p.error(f"--confidence {args.confidence} is not in (0, 1)")
+    for flag in ("train", "mix", "valid", "test"):  # an unknown format fails here, before any training
+        if getattr(args, flag):
+            try:
+                DataSpec.parse(getattr(args, flag))
+            except ValueError as err:
+                p.error(f"--{flag}: {err}")
+    if args.labels:
+        try:
+            check_metric_names(args.labels.split(","))
+        except ValueError as err:
+            p.error(f"--labels: {err}")
     return args
 
 
@@ -115,11 +126,35 @@ def snake(label: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
 
 
+def check_metric_names(labels: list[str]) -> list[str]:
+    """The labels' metric names (``snake``); a ValueError unless they are distinct and not empty
+    (a label of CJK characters only has an empty one)."""
+    names = [snake(l) for l in labels]
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"labels {labels} do not give distinct metric names ({names}); metric names keep "
+                         "the letters a-z and digits of a label: rename the label columns")
+    return names
+
+
+def run_identity(args) -> tuple[str, dict]:
+    """The run's name and tags, by what it judges: a generated set's checkpoint
+    (``classify · dreambooth @ 600``, tags ``harness.arm`` / ``harness.step`` /
+    ``harness.source_run`` / ``harness.generate_run``) or real data (``classify · real``)."""
+    from harness.generate import generated_source, judged, source_tags
+
+    source = generated_source(args.train)
+    what = judged(source) if source is not None else "real"
+    tags = source_tags(source) if source is not None else {"harness.arm": "real"}
+    if args.mix:
+        what += f" + {args.mix_ratio:.0%} real"
+    return f"classify · {what}", {**tags, "harness.judged": what}
+
+
 def main(argv=None) -> str:
     """Train, select, test once, log; returns the MLflow run id."""
     args = parse_args(argv)
-    with tracking.tracked_run(f"classify-{args.model}", args.experiment,
-                              tags={"harness.entry_point": "classify"}) as run:
+    name, tags = run_identity(args)
+    with tracking.tracked_run(name, args.experiment, tags={"harness.entry_point": "classify", **tags}) as run:
         tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
         classify(args, run.info.run_id)
         return run.info.run_id

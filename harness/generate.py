@@ -32,14 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import torch
 from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
@@ -53,6 +58,8 @@ from harness.grids import labelled_grid
 from harness.cli import int_arg
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 from registry.pyfunc import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "harness.checkpoint."
 SCHEDULERS = {  # name -> diffusers class, built with from_config(pipe.scheduler.config)
@@ -87,7 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="dpm", choices=["native", *SCHEDULERS],
                    help="native = the checkpoint's own scheduler")
     p.add_argument("--num_inference_steps", type=int_arg, default=DEFAULT_STEPS)
-    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale, not negative; 1 or less disables guidance "
+                        "(diffusers guides only above 1)")
     p.add_argument("--resolution", type=int_arg, default=0, help="0 = the checkpoint's native size")
     p.add_argument("--view", default="frontal", choices=["frontal", "lateral"])
     p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template with {findings} (and {view})")
@@ -98,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int_arg, default=0,
                    help="torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)")
     p.add_argument("--grid_rows", type=int_arg, default=4, help="images per prompt in the sample grid")
-    p.add_argument("--output_dir", default="", help="default: outputs/generated/<run id>")
+    p.add_argument("--output_dir", default="", help="default: $HARNESS_OUTPUT_DIR/generated/<run id> "
+                                                    "(HARNESS_OUTPUT_DIR defaults to outputs)")
     p.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
     if bool(args.checkpoint) == bool(args.run_id):
@@ -111,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("seed and resolution must not be negative")
     if not 0.0 <= args.valid_fraction < 1.0:
         p.error(f"valid_fraction={args.valid_fraction} must be in [0, 1)")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        p.error(f"--guidance_scale {args.guidance_scale} must be a number >= 0 (1 or less disables guidance)")
+    if args.prompt_data:
+        try:
+            DataSpec.parse(args.prompt_data)  # an unknown format fails here, before the model loads
+        except ValueError as err:
+            p.error(f"--prompt_data: {err}")
     return args
 
 
@@ -120,7 +137,8 @@ def main(argv=None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tracking.tracked_run("generate", args.experiment) as run:
-        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+        tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a checkpoint URL's password
+                             for k, v in vars(args).items() if k != "experiment"})
         generate(args, run.info.run_id)
         return run.info.run_id
 
@@ -128,6 +146,10 @@ def main(argv=None) -> str:
 # ---------------------------------------------------------------------------------------------
 def checkpoint_uri(run_id: str, step: int = -1) -> str:
     """The ``models:/`` URI a fine-tuning run logged for ``step`` (-1 = its last checkpoint)."""
+    return _checkpoint(run_id, step)[1]
+
+
+def _checkpoint(run_id: str, step: int = -1) -> tuple[int, str]:
     tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
     steps = {int(k[len(CHECKPOINT_TAG):]): v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
     if not steps:
@@ -136,7 +158,65 @@ def checkpoint_uri(run_id: str, step: int = -1) -> str:
         step = max(steps)
     if step not in steps:
         raise LookupError(f"run {run_id} has no checkpoint at step {step}; it has steps {sorted(steps)}")
-    return steps[step]
+    return step, steps[step]
+
+
+# What a generated set (and so a classify or checks run of it) is about, as tags the MLflow UI
+# groups and filters by; the same keys on generate, classify and checks runs.
+SOURCE_TAGS = {"arm": "harness.arm", "step": "harness.step", "source_run": "harness.source_run",
+               "generate_run": "harness.generate_run"}
+
+
+def checkpoint_source(args) -> dict:
+    """Which checkpoint ``args`` samples: ``arm``, ``step`` and ``source_run`` (the fine-tuning
+    run) where known: from ``--run_id``, from a registered version's tags (``registry.register``),
+    or ``arm`` "base" for the embedded base."""
+    client = mlflow.tracking.MlflowClient()
+    if args.run_id:
+        run = client.get_run(args.run_id)
+        step, _ = _checkpoint(args.run_id, args.step)
+        return {"arm": run.data.params.get("arm") or run.data.tags.get("harness.arm", ""), "step": step,
+                "source_run": args.run_id}
+    if args.checkpoint == "base":
+        return {"arm": "base"}
+    found = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(.+))", args.checkpoint)
+    if found:
+        name, version, alias = found.groups()
+        try:
+            tags = (client.get_model_version(name, version) if version
+                    else client.get_model_version_by_alias(name, alias)).tags
+        except MlflowException:
+            return {}  # load() reports a checkpoint that does not exist
+        out = {"arm": tags.get("arm"), "step": int(tags["step"]) if tags.get("step", "").isdigit() else None,
+               "source_run": tags.get("finetune_run_id")}
+        return {k: v for k, v in out.items() if v}
+    return {}
+
+
+def judged(source: dict | None) -> str:
+    """A short name for what a generated set shows: 'dreambooth @ 600', 'base', or 'generated'."""
+    if not source or not source.get("arm"):
+        return "generated"
+    return source["arm"] + (f" @ {source['step']}" if source.get("step") is not None else "")
+
+
+def source_tags(source: dict | None) -> dict:
+    return {tag: str(source[key]) for key, tag in SOURCE_TAGS.items() if source and source.get(key) is not None}
+
+
+def generated_source(spec) -> dict | None:
+    """The ``source`` a data set written by ``generate`` records in its ``generate.json`` (arm,
+    step, source_run, generate_run); None for any other data set."""
+    try:
+        spec = DataSpec.parse(spec)
+    except ValueError:
+        return None
+    if spec.format != "chexpert" or spec.path is None:
+        return None
+    meta = spec.path.parent / "generate.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("source")
 
 
 def image_seed(seed: int, prompt_index: int, i: int) -> int:
@@ -182,10 +262,19 @@ def sample(pipe, prompts: list[str], seeds: list[int], batch_size: int, num_infe
         yield start, out.images
 
 
+def output_root() -> Path:
+    """Where generated sets go by default: ``$HARNESS_OUTPUT_DIR/generated`` (``outputs/generated``)."""
+    return Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / "generated"
+
+
 def generate(args, run_id: str) -> Path:
-    out = Path(args.output_dir or f"outputs/generated/{run_id}").expanduser().absolute()
+    out = Path(args.output_dir or output_root() / run_id).expanduser().absolute()
     if out.exists():
         raise FileExistsError(f"output_dir {out} already exists; remove it or pass another --output_dir")
+    source_info = {**checkpoint_source(args), "generate_run": run_id}
+    mlflow.set_tags(source_tags(source_info))
+    if judged(source_info) != "generated":
+        mlflow.tracking.MlflowClient().update_run(run_id, name=f"generate · {judged(source_info)}")
     by_finding = disease_prompts(FINDINGS, view=args.view, template=args.template,
                                  no_finding_template=args.no_finding_template)
     label_sets = None
@@ -197,16 +286,17 @@ def generate(args, run_id: str) -> Path:
 
     pipe, source = load(args)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    mlflow.set_tags({"harness.source_checkpoint": source,
+    mlflow.set_tags({"harness.source_checkpoint": tracking.redact_url(source),
                      **({"harness.source_run": args.run_id} if args.run_id else {})})
     mlflow.log_params({"resolution_px": resolution, "device": str(pipe.device),
                        "dtype": str(pipe.dtype).removeprefix("torch."),
                        "scheduler_class": type(pipe.scheduler).__name__})
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_tmp(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_tmp_owner()}", dir=out.parent))
     try:
-        rows, grid = _write(pipe, jobs, args, resolution, tmp)
+        rows, grid = _write(pipe, jobs, args, resolution, tmp, source_info)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +318,42 @@ def generate(args, run_id: str) -> Path:
         mlflow.log_dict({"columns": columns, "prompts": by_finding}, "grids/samples.json")
     print(f"{rows['n_images']} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec}")
     return out
+
+
+# A temporary output folder names its owner: .<out>.tmp-<host>.<pid>.<random>, so that the next
+# generate into the same parent folder can tell one that a killed process left behind.
+_TMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.[^.]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname())
+
+
+def _tmp_owner() -> str:
+    return f".tmp-{_host()}.{os.getpid()}."
+
+
+def remove_stale_tmp(parent: Path) -> list[Path]:
+    """Remove the temporary output folders in ``parent`` whose generate process, on this host, is
+    gone (killed before it could clean up); returns them. Another host's are left alone."""
+    removed = []
+    for path in parent.iterdir():
+        found = _TMP.match(path.name)
+        if not found or found["host"] != _host() or not path.is_dir():
+            continue
+        pid = int(found["pid"])
+        try:
+            # the owner made the folder before its last change: a process started later is not it
+            alive = psutil.Process(pid).create_time() <= path.stat().st_mtime
+        except psutil.NoSuchProcess:
+            alive = False
+        except (psutil.AccessDenied, FileNotFoundError):
+            continue
+        if not alive:
+            log.warning("removing %s: left by generate process %d, which is gone", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def _n_valid(n: int, fraction: float) -> int:
@@ -278,7 +404,7 @@ def data_label_sets(spec: str, view: str = "frontal") -> list[list[str]]:
     return [[f for f, on in zip(FINDINGS, row) if on] for row in positive]
 
 
-def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
+def _write(pipe, jobs: list[dict], args, resolution: int, root: Path, source: dict | None = None):
     """Sample every job into root (CheXpert layout + prompts.csv); returns metrics and the grid rows."""
     archive = root / ARCHIVE
     name = "view1_frontal.jpg" if args.view == "frontal" else "view2_lateral.jpg"
@@ -314,7 +440,8 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path):
               [{**{k: j[k] for k in ("path", "split", "prompt", "seed")},
                 "labels": "|".join(j["labels"]) or NO_FINDING} for j in written])
     (root / "generate.json").write_text(json.dumps(
-        {k: v for k, v in vars(args).items() if k != "experiment"} | {"resolution_px": resolution}, indent=2) + "\n")
+        {k: v for k, v in vars(args).items() if k != "experiment"} | {"resolution_px": resolution, "source": source},
+        indent=2) + "\n")
     metrics = {"n_images": len(written), "generation_seconds": generating,
                "throughput_images_per_s": len(jobs) / generating, "total_seconds": time.perf_counter() - started}
     return metrics, grid

@@ -17,15 +17,29 @@ table ``arm_differences.md``).
 Steps that do not depend on each other (the arms, the real baseline) run side by side in ``--jobs``
 worker processes, each with ``cpu_count // jobs`` torch threads: small models leave cores idle, so on
 2 CPU cores two 1-thread processes train the embedded UNet at 1.4-1.8x the images/s of one 2-thread
-process (``python -m bench.parallel_steps``: 82 vs 47 images/s, ratio 1.76).
+process (``python -m bench.parallel_steps``: 82 vs 47 images/s, ratio 1.76). A worker dies with the
+pipeline process (``kill -9`` included), and a rerun first stops any step process that a dead
+pipeline left running, so two processes never train the same fine-tune.
+
+Every argument is checked before anything runs: the pipeline's own, and each step's command line
+through that step's parser; the data's labels must give metric names (``classify.snake``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import hashlib
+import io
+import logging
+import math
 import multiprocessing
 import os
+import signal
+import socket
+import sys
+import threading
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -35,16 +49,22 @@ from typing import Callable
 
 import mlflow
 import pandas as pd
+import psutil
 from mlflow.tracking import MlflowClient
 
 from harness import checks, classify, finetune, generate, tracking
+from harness.classifier import CLASSIFIERS
 from harness.cli import bool_arg, int_arg
+from harness.data import DataSpec, load_table
 from harness.pathologies import FINDINGS
 from registry.promote import promote
 from registry.register import model_name, register_checkpoint
 
 STEP_KEY = "harness.step_key"
 CODE_DIRS = ("harness", "registry")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,12 +100,64 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "else 1 (1 = every step in this process, one after another)")
     p.add_argument("--experiment", default=None)
     args = p.parse_args(argv)
+    # Everything is checked here, before the first step: a bad value found by a later step would
+    # only show after the fine-tunes (hours on a real budget).
     if args.jobs < 0:
         p.error("--jobs must not be negative")
-    args.eval = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
+    small = [f"--{k} {getattr(args, k)}" for k in ("steps", "batch_size", "n_per_prompt", "num_inference_steps",
+                                                    "epochs") if getattr(args, k) < 1]
+    if small:
+        p.error(f"{', '.join(small)}: must be at least 1")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed} must not be negative")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        p.error(f"--learning_rate {args.learning_rate} must be a positive number")
+    if not math.isfinite(args.promote_margin):
+        p.error(f"--promote_margin {args.promote_margin} must be a number")
+    try:
+        DataSpec.parse(args.data)
+    except ValueError as err:
+        p.error(f"--data: {err}")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(finetune.ARMS))
+    if unknown or len(set(arms)) != len(arms):
+        p.error(f"--arms {args.arms!r}: each of {', '.join(sorted(finetune.ARMS))} at most once"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    if args.classifier not in CLASSIFIERS:
+        p.error(f"--classifier {args.classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
+    try:
+        args.eval = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--eval_steps {args.eval_steps!r}: expected comma-separated integers")
     if not args.eval or args.eval[-1] > args.steps or args.eval[0] < 1:
         p.error(f"--eval_steps must be steps between 1 and --steps={args.steps}, got {args.eval_steps!r}")
+    _check_step_arguments(p, args, arms)
     return args
+
+
+def _check_step_arguments(p: argparse.ArgumentParser, args, arms: list[str]) -> None:
+    """Each step's command line through that step's own parser, with stand-ins for the run ids and
+    folders that only earlier steps make, so a value a step refuses is refused now."""
+    run, generated = "0" * 32, "chexpert:generated/CheXpert-v1.0-small"
+    steps = [("finetune", finetune.parse_args, _finetune_argv(args, arm)) for arm in arms]
+    steps += [("classify", classify.parse_args, _classify_argv(args, args.data)),
+              ("generate", generate.parse_args, _generate_argv(args, run, args.eval[-1])),
+              ("classify", classify.parse_args, _classify_argv(args, generated, run)),
+              ("checks", checks.parse_args, _checks_argv(args, generated, run))]
+    for name, parse, step_argv in steps:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parse(step_argv)
+        except SystemExit:
+            message = (err.getvalue().strip().splitlines() or ["refused its arguments"])[-1]
+            p.error(f"the {name} step: {message.split('error: ', 1)[-1]}")
+
+
+def check_labels(data: str) -> list[str]:
+    """The data's labels, which must give distinct, non-empty metric names (classify needs them,
+    after the fine-tunes): checked before any step."""
+    return classify.check_metric_names(load_table(data, "train").attrs["labels"])
 
 
 def code_version() -> str:
@@ -118,8 +190,12 @@ def run_step(name: str, entry, argv: list[str], force: bool) -> str:
 
 def main(argv=None) -> pd.DataFrame:
     args = parse_args(argv)
+    check_labels(args.data)
+    tracking.use_project_store()
+    stop_orphaned_steps()  # before tracked_run reaps: their runs then end KILLED with them
     with tracking.tracked_run("pipeline", args.experiment, tags={"harness.entry_point": "pipeline"}) as run:
-        tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "eval"}})
+        tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a model URL's password
+                             for k, v in vars(args).items() if k not in {"experiment", "eval"}})
         start = time.perf_counter()
         table, differences = study(args)
         if args.arms.strip():
@@ -145,34 +221,45 @@ class Task:
     needs: list[str] = field(default_factory=list)
 
 
+def _finetune_argv(args, arm: str) -> list[str]:
+    return ["--arm", arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
+            "--steps", str(args.steps), "--learning_rate", str(args.learning_rate),
+            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--checkpoint_every", str(_gcd(args.eval))]
+
+
+def _generate_argv(args, finetune_run: str, step: int) -> list[str]:
+    return ["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
+            "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed)]
+
+
+def _classify_argv(args, train: str, baseline_run: str | None = None) -> list[str]:
+    baseline = ["--baseline_run", baseline_run] if baseline_run else []
+    return ["--train", train, *baseline, "--test", args.data, "--model", args.classifier, "--epochs", str(args.epochs),
+            "--seed", str(args.seed)]
+
+
+def _checks_argv(args, generated: str, classifier_run: str) -> list[str]:
+    # the distance in the real-trained classifier's features
+    return ["--generated", generated, "--real", args.data, "--seed", str(args.seed), "--classifier_run", classifier_run]
+
+
 def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every step; returns the write-up's table and the arms' paired differences."""
-    classify_common = ["--test", args.data, "--model", args.classifier, "--epochs", str(args.epochs),
-                       "--seed", str(args.seed)]
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     tasks = {}
     # longest first: the fine-tunes, then the real baseline; the rest as their inputs come
     for arm in arms:
-        tasks[f"finetune/{arm}"] = Task("finetune", lambda done, arm=arm: [
-            "--arm", arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
-            "--steps", str(args.steps), "--learning_rate", str(args.learning_rate),
-            "--batch_size", str(args.batch_size), "--seed", str(args.seed),
-            "--checkpoint_every", str(_gcd(args.eval))])
-    tasks["classify/real"] = Task("classify", lambda done: ["--train", args.data, *classify_common])
+        tasks[f"finetune/{arm}"] = Task("finetune", lambda done, arm=arm: _finetune_argv(args, arm))
+    tasks["classify/real"] = Task("classify", lambda done: _classify_argv(args, args.data))
     for arm in arms:
         for step in args.eval:
             at = f"{arm}/{step}"
-            tasks[f"generate/{at}"] = Task("generate", lambda done, arm=arm, step=step: [
-                "--run_id", done[f"finetune/{arm}"], "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
-                "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps),
-                "--seed", str(args.seed)], [f"finetune/{arm}"])
-            tasks[f"classify/{at}"] = Task("classify", lambda done, at=at: [
-                "--train", _generated(done[f"generate/{at}"]), "--baseline_run", done["classify/real"],
-                *classify_common], [f"generate/{at}", "classify/real"])
-            tasks[f"checks/{at}"] = Task("checks", lambda done, at=at: [
-                "--generated", _generated(done[f"generate/{at}"]), "--real", args.data, "--seed", str(args.seed),
-                # the distance in the real-trained classifier's features
-                "--classifier_run", done["classify/real"]], [f"generate/{at}", "classify/real"])
+            tasks[f"generate/{at}"] = Task("generate", lambda done, arm=arm, step=step: _generate_argv(
+                args, done[f"finetune/{arm}"], step), [f"finetune/{arm}"])
+            tasks[f"classify/{at}"] = Task("classify", lambda done, at=at: _classify_argv(
+                args, _generated(done[f"generate/{at}"]), done["classify/real"]), [f"generate/{at}", "classify/real"])
+            tasks[f"checks/{at}"] = Task("checks", lambda done, at=at: _checks_argv(
+                args, _generated(done[f"generate/{at}"]), done["classify/real"]), [f"generate/{at}", "classify/real"])
     done = execute(tasks, resolve_jobs(args.jobs), args.force)
 
     rows = {"real images": _row(done["classify/real"])}
@@ -228,8 +315,9 @@ def execute(tasks: dict[str, Task], jobs: int, force: bool) -> dict[str, str]:
            tracking.PARENT_RUN_ENV: parent.info.run_id}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending: dict = {}
+    # spawn: each worker is a child of this process, which _worker_init ties its life to
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                             initargs=(env, threads)) as pool:
+                             initargs=(env, threads, os.getpid())) as pool:
         try:
             while len(done) < len(tasks):
                 for name, task in tasks.items():
@@ -245,9 +333,10 @@ def execute(tasks: dict[str, Task], jobs: int, force: bool) -> dict[str, str]:
     return done
 
 
-def _worker_init(env: dict, threads: int) -> None:
+def _worker_init(env: dict, threads: int, parent_pid: int) -> None:
     import torch
 
+    die_with_parent(parent_pid)
     os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: the pipeline's own run, not the steps'
     os.environ.update(env)
     torch.set_num_threads(threads)
@@ -255,6 +344,86 @@ def _worker_init(env: dict, threads: int) -> None:
 
 def _run_task(name: str, entry: str, argv: list[str], force: bool) -> str:
     return run_step(name, ENTRIES[entry], argv, force)
+
+
+def die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """End this process when ``parent_pid``, its parent, ends. A worker that outlived a killed
+    pipeline would go on training under a KILLED run, then wait for ever on the task pipe (its
+    sibling workers hold the pipe open), and a rerun would train the same fine-tune beside it.
+    On Linux the kernel sends SIGKILL at the parent's death (``PR_SET_PDEATHSIG``); a thread that
+    watches the parent covers other systems and a failed ``prctl``."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as err:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): relying on the parent watchdog", err)
+    if not _parent_alive(parent_pid):  # it died before the signal was armed
+        os._exit(1)
+    watch_parent(parent_pid, interval)
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    # an orphan is re-parented (to init or a subreaper); where it is not, the pid is gone
+    return os.getppid() == parent_pid and psutil.pid_exists(parent_pid)
+
+
+def watch_parent(parent_pid: int, interval: float = 0.5) -> threading.Thread:
+    """A daemon thread that ends this process, at once and without cleanup, once ``parent_pid`` is
+    no longer its parent."""
+    def watch():
+        while _parent_alive(parent_pid):
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="harness-watch-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_orphaned_steps(wait_s: float = 5.0) -> list[int]:
+    """Stop the step processes on this host whose pipeline process is gone but which still run a
+    step (a RUNNING run nested under the dead pipeline's run, by a live process): a rerun would
+    otherwise train the same fine-tune at the same time. Each gets ``wait_s`` seconds to die with
+    its parent by itself, then SIGKILL. Returns their pids."""
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    running = client.search_runs(experiments, f"attributes.status = 'RUNNING' and "
+                                              f"tags.`{tracking.TAG_HOST}` = '{socket.gethostname()}'")
+    pipelines: dict[str, bool] = {}  # pipeline run id -> its process is gone
+
+    def dead_pipeline(run_id: str) -> bool:
+        if run_id not in pipelines:
+            tags = client.get_run(run_id).data.tags
+            pipelines[run_id] = (tags.get("harness.entry_point") == "pipeline" and _has_process_tags(tags)
+                                 and not tracking._process_alive(int(tags[tracking.TAG_PID]),
+                                                                 float(tags[tracking.TAG_STARTED])))
+        return pipelines[run_id]
+
+    orphans = []
+    for run in running:
+        tags = run.data.tags
+        parent = tags.get("mlflow.parentRunId")
+        if not parent or not _has_process_tags(tags) or not dead_pipeline(parent):
+            continue
+        pid, started = int(tags[tracking.TAG_PID]), float(tags[tracking.TAG_STARTED])
+        if tracking._process_alive(pid, started):
+            log.warning("step run %s (process %d) outlived its pipeline run %s: stopping it", run.info.run_id,
+                        pid, parent)
+            orphans.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(orphans, timeout=wait_s) if orphans else ([], [])
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=wait_s)
+    return [proc.pid for proc in orphans]
+
+
+def _has_process_tags(tags: dict) -> bool:
+    return tracking.TAG_PID in tags and tracking.TAG_STARTED in tags
 
 
 def _promote(name: str, margin: float) -> None:

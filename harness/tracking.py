@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -202,3 +203,18 @@ def copy_metric_history(src_run_id: str, dst_run_id: str, keys: list[str], max_s
     for start in range(0, len(metrics), 1000):
         client.log_batch(dst_run_id, metrics=metrics[start:start + 1000])
     return len(metrics)
+
+
+# A URL's user-info password (scheme://user:PASSWORD@host) up to the last "@" of the token, and
+# secret-looking query arguments (?password=..., &sslpassword=...): anywhere in a text, so error
+# messages that quote a URL are covered too.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:@/\s'\"]*):[^\s'\"]*@")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|sslpassword|secret|token|api_key|access_key)=)"
+                           r"[^&;\s'\"]*", re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``: what may be logged
+    (params, tags, error messages) of a URL such as ``postgresql://user:password@host/db``."""
+    text = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
+    return _QUERY_SECRET.sub(r"\g<head>***", text)

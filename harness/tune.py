@@ -13,15 +13,20 @@ scored on it (a classifier trained on it, whatever the objective), and its check
 
     python -m harness.tune --arm dreambooth --n_trials 12                  # SQLite file, one worker
     mlflow run . -e tune -P arm=text_encoder --env-manager local
-    # several workers, on one or more machines, share one study on PostgreSQL:
+    # several workers, on one or more machines, share one study on PostgreSQL (the password
+    # from PGPASSWORD or ~/.pgpass, never in the URL: it would show in `ps` and in MLflow):
     python -m harness.tune --arm dreambooth --n_trials 40 --study_name db-lr \\
-        --storage postgresql://user:pass@dbhost/optuna                     # start it N times
+        --storage postgresql://user@dbhost/optuna                          # start it N times
 
 MLflow: a study run per worker process; under it one run per trial (Optuna's params, value, state
 and user attributes via ``optuna_integration.MLflowCallback``), and under that the trial's
 fine-tune run with its generate and classify runs (their ids are tags of the trial run). The study
 run logs the best parameters and value, the optimization history, parameter importances,
 intermediate values, the trials table, trials per hour and the time pruning saved.
+
+Before the first trial, what every trial needs is checked once: the storage opens, the pretrained
+model resolves, the data's train, valid and test splits load. A study in which no trial completes
+ends FAILED with the trials' most common error.
 
 Fault tolerance: the study lives in the storage (``load_if_exists``), so rerunning the command
 resumes it; a trial that raises is recorded FAILED (its MLflow runs end FAILED) and the study goes
@@ -32,11 +37,13 @@ worker to start a trial marks it FAILED, ends its MLflow runs KILLED and queues 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -52,7 +59,10 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflo
 from harness import checks, classify, finetune, generate, tracking
 from harness.classifier import classifier_from_run
 from harness.cli import bool_arg, int_arg
+from harness.data import DataSpec, load_table
 from harness.metrics import nan_mean
+
+log = logging.getLogger(__name__)
 
 # --objective -> the trial's value as Optuna's MLflow callback logs it; per checkpoint it is logged
 # as checkpoint_<name> (step = fine-tuning step)
@@ -68,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--study_name", default="",
                    help="default: <arm>-<data> (-adherence with that objective); workers sharing a study use the same")
     p.add_argument("--storage", default="sqlite:///optuna.db",
-                   help="an SQLAlchemy URL: a local SQLite file (default, no server) or postgresql://... "
-                        "for several workers")
+                   help="an SQLAlchemy URL: a local SQLite file (default, no server) or postgresql://user@host/db "
+                        "for several workers (its password from PGPASSWORD or ~/.pgpass, not in the URL)")
     p.add_argument("--n_trials", type=int_arg, default=10, help="trials in the whole study, across all workers")
     p.add_argument("--timeout", type=float, default=0, help="this worker stops starting trials after N s (0 = never)")
     # The search space, around where the embedded base starts to draw chests (600 steps at 1e-3;
@@ -118,7 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n_trials < 1 or args.heartbeat_interval < 1 or args.max_retry < 0:
         p.error("n_trials and heartbeat_interval must be positive, max_retry not negative")
     if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", args.storage):
-        p.error(f"--storage {args.storage!r}: expected an SQLAlchemy URL, sqlite:///FILE or postgresql://...")
+        p.error(f"--storage {tracking.redact_url(args.storage)!r}: expected an SQLAlchemy URL, sqlite:///FILE or "
+                "postgresql://...")
+    try:
+        DataSpec.parse(args.data)  # an unknown format fails here, not in the first trial
+    except ValueError as err:
+        p.error(f"--data: {err}")
     data = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.data).strip("_")
     suffix = "" if args.objective == "auc" else f"-{args.objective}"  # a study has one objective
     args.study_name = args.study_name or f"{args.arm}-{data}{suffix}"
@@ -322,13 +337,16 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     with tracking.tracked_run(f"tune-{args.study_name}", args.experiment,
                               tags={"harness.entry_point": "tune", TAG + "study": args.study_name,
-                                    TAG + "storage": _redact(args.storage)}) as run:
-        tracking.log_params({k: v for k, v in vars(args).items() if k not in {"experiment", "storage"}})
-        study = open_study(args)
+                                    TAG + "storage": tracking.redact_url(args.storage)}) as run:
+        _refuse_logged_password(args, run.info.run_id)
+        tracking.log_params({k: tracking.redact_url(v) if k == "storage" else v
+                             for k, v in vars(args).items() if k != "experiment"})
+        study = reach_storage(args)
+        check_trial_inputs(args)
         if args.objective == "adherence":
             args.adherence_classifier_run = adherence_classifier(study, args)
         start, ran = time.perf_counter(), 0
-        objective = make_objective(args, run.info.run_id)
+        objective = _recording_errors(make_objective(args, run.info.run_id))
         callbacks = [TrialRunCallback(OBJECTIVES[args.objective])]
         # One trial per optimize call, checking the budget first: Optuna's MaxTrialsCallback checks
         # after a trial and counts only finished ones, so parallel workers would overshoot.
@@ -344,7 +362,87 @@ def main(argv=None) -> str:
         hours = (time.perf_counter() - start) / 3600
         mlflow.log_metrics({"worker_trials": ran, "trials_per_hour": ran / hours if hours > 0 else 0.0})
         summarize(study, args)
+        fail_if_none_completed(study)
         return run.info.run_id
+
+
+class StudyFailed(RuntimeError):
+    """No trial of the study completed."""
+
+
+def _refuse_logged_password(args, run_id: str) -> None:
+    """A password in --storage: under ``mlflow run`` the CLI has already stored it as this run's
+    ``storage`` parameter, verbatim (it logs every -P before the entry point starts), and MLflow
+    cannot change or delete a logged parameter; on a command line it shows in ``ps``."""
+    if tracking.redact_url(args.storage) == args.storage:
+        return
+    logged = MlflowClient().get_run(run_id).data.params.get("storage", "")
+    if tracking.redact_url(logged) != logged:
+        raise ValueError(f"run {run_id} holds the storage password in plain text: `mlflow run` logged the -P "
+                         "storage URL as given. Delete the run (`mlflow runs delete --run-id ...`, then `mlflow "
+                         "gc`) and pass the password through PGPASSWORD or ~/.pgpass, with "
+                         "storage=postgresql://user@host/db")
+    log.warning("the --storage URL holds a password, which any user of this host can read in `ps`; "
+                "pass it through PGPASSWORD or ~/.pgpass instead (it is not logged to MLflow)")
+
+
+def reach_storage(args) -> optuna.Study:
+    """``open_study``, with an error that names the storage (without its password) when it cannot
+    be reached, before any trial starts."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return open_study(args)
+    except (SQLAlchemyError, ImportError) as err:
+        raise ConnectionError(f"optuna storage {tracking.redact_url(args.storage)} cannot be opened: "
+                              f"{tracking.redact_url(f'{type(err).__name__}: {err}')}") from None
+
+
+def check_trial_inputs(args) -> None:
+    """What every trial needs, checked once before the first one (else each trial fails on it in
+    turn): the pretrained model resolves (``harness.pretrained.resolve``: registered, downloaded
+    or a pipeline directory) and the data's train, valid and test splits load."""
+    from harness.pretrained import resolve
+
+    resolve(args.pretrained_model)
+    for split in ("train", "valid", "test"):  # fine-tuning, trial scoring, the best trial's one test
+        load_table(args.data, split)
+
+
+def _recording_errors(objective):
+    """The objective, recording a failed trial's error as its user attribute ``error`` (Optuna
+    keeps only a log line), for the study's verdict when no trial completes."""
+    def recorded(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except SystemExit as exit_:  # a step's parser refused the trial's values: that trial fails, not the worker
+            error = ValueError(f"a step refused trial {trial.number}'s arguments (exit status {exit_.code}; "
+                               "its parser's message is above)")
+            trial.set_user_attr("error", str(error))
+            raise error from None
+        except Exception as err:
+            trial.set_user_attr("error", tracking.redact_url(f"{type(err).__name__}: {err}")[:2000])
+            raise
+
+    return recorded
+
+
+def fail_if_none_completed(study: optuna.Study) -> None:
+    """Raise ``StudyFailed`` when no trial of the study completed and none is still running
+    (another worker may yet complete one), naming the failed trials' most common error."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in trials):
+        return
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    errors = Counter(t.user_attrs.get("error", "no error recorded (its worker died?)") for t in failed)
+    states = ", ".join(f"{n} {state.lower()}" for state, n in Counter(t.state.name for t in trials).items())
+    message = f"no trial of study {study.study_name!r} completed ({states or 'no trials'})"
+    if errors:
+        error, n = errors.most_common(1)[0]
+        message += f"; {n} of {len(failed)} failed trial(s) with {error}"
+    raise StudyFailed(message)
 
 
 def adherence_classifier(study: optuna.Study, args) -> str:
@@ -455,11 +553,6 @@ def _log_plots(study: optuna.Study) -> None:
             import matplotlib.pyplot as plt
 
             plt.close(figure)
-
-
-def _redact(url: str) -> str:
-    """A storage URL without its password, fit for a tag."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 if __name__ == "__main__":

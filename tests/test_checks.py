@@ -296,3 +296,11 @@ def test_entry_point_errors_name_the_bad_input(mlflow_store, phantom, tmp_path):
                      "--classifier_run", "0" * 32])
     runs = mlflow.search_runs(search_all_experiments=True)
     assert set(runs["status"]) == {"FAILED"} and len(runs) == 2
+
+
+@pytest.mark.parametrize("flag", ["--generated", "--real"])
+def test_unknown_data_format_is_refused_by_the_arguments(flag, capsys):
+    argv = {"--generated": "chexpert:/g", "--real": "phantom"} | {flag: "dicom:/data"}
+    with pytest.raises(SystemExit):
+        checks.parse_args([x for kv in argv.items() for x in kv])
+    assert f"{flag}: unknown data format 'dicom'" in capsys.readouterr().err

@@ -131,6 +131,25 @@ def test_mix_keeps_the_training_size_at_the_ratio(tiny_phantom):
         classify._mix(train, real, 0.9, seed=0)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--train", "dicom:/data"], "--train: unknown data format 'dicom'"),
+    (["--test", "dicom:/data"], "--test: unknown data format 'dicom'"),
+    (["--mix", "nifti:/data"], "--mix: unknown data format 'nifti'"),
+    (["--labels", "心脏肥大,胸腔积液"], "do not give distinct metric names"),
+])
+def test_bad_data_and_labels_are_refused_by_the_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        classify.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_real_baseline_is_named_and_tagged_as_such(mlflow_store, tiny_phantom):
+    run_id = classify.main(_args(tiny_phantom, None, "--mix", f"chexpert:{tiny_phantom}", "--mix_ratio", "0.5"))
+    run = mlflow.get_run(run_id)
+    assert run.info.run_name == "classify · real + 50% real"
+    assert run.data.tags["harness.arm"] == "real" and run.data.tags["harness.judged"] == "real + 50% real"
+
+
 def test_chexpert_small_as_shipped_scores_valid_csv_and_selects_on_a_train_holdout(mlflow_store, tiny_phantom, tmp_path):
     """CheXpert-v1.0-small ships train.csv and valid.csv only: valid.csv is scored as the test split,
     the model is selected on a seeded patient-wise hold-out of train.csv, and training never sees it."""

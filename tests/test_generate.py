@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +196,9 @@ def test_run_id_and_step_pick_the_checkpoint(store, tiny_phantom, tiny_pipeline_
     assert run.info.status == "FINISHED"
     assert run.data.tags["harness.source_checkpoint"] == tags["harness.checkpoint.000001"]
     assert run.data.tags["harness.source_run"] == ft
+    # named and tagged by its checkpoint, for the MLflow UI
+    assert run.info.run_name == "generate · dreambooth @ 1"
+    assert (run.data.tags["harness.arm"], run.data.tags["harness.step"]) == ("dreambooth", "1")
     assert load_table(run.data.tags["harness.generated_data"], split="train")[FINDINGS].sum().tolist() == [1.0] * 5
 
     with pytest.raises(LookupError, match=r"no checkpoint at step 7; it has steps \[1, 2\]"):
@@ -256,6 +264,9 @@ def test_existing_output_dir_is_refused(store, tiny_pipeline_dir, tmp_path):
     (["--checkpoint", "x", "--run_id", "y"], "exactly one of --checkpoint and --run_id"),
     (["--checkpoint", "x", "--step", "3"], "--step needs --run_id"),
     (["--checkpoint", "x", "--n_per_prompt", "2.5"], "expected an integer"),
+    (["--checkpoint", "x", "--guidance_scale", "-3"], "--guidance_scale -3.0 must be a number >= 0"),
+    (["--checkpoint", "x", "--guidance_scale", "nan"], "--guidance_scale nan must be a number >= 0"),
+    (["--checkpoint", "x", "--prompts", "data", "--prompt_data", "dicom:/x"], "unknown data format 'dicom'"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -266,3 +277,47 @@ def test_bad_arguments(argv, message, capsys):
 def test_mlflow_style_numbers_are_accepted():
     args = generate.parse_args(["--checkpoint", "", "--run_id", "r", "--step", "-1.0", "--n_per_prompt", "400.0"])
     assert (args.step, args.n_per_prompt) == (-1, 400)
+
+
+def test_guidance_help_says_what_disables_it(capsys):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    assert "1 or less disables guidance" in " ".join(capsys.readouterr().out.split())
+    assert generate.parse_args(["--checkpoint", "x", "--guidance_scale", "0"]).guidance_scale == 0.0
+
+
+def test_default_output_dir_is_under_HARNESS_OUTPUT_DIR(store, tiny_pipeline_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_OUTPUT_DIR", str(tmp_path / "elsewhere"))
+    run_id = generate.main(["--checkpoint", str(tiny_pipeline_dir), "--n_per_prompt", "1", "--num_inference_steps",
+                            "1", "--grid_rows", "1"])
+    spec = MlflowClient().get_run(run_id).data.tags["harness.generated_data"]
+    assert spec == f"chexpert:{tmp_path / 'elsewhere' / 'generated' / run_id / 'CheXpert-v1.0-small'}"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_killed_generate_leaves_a_folder_that_the_next_one_removes(store, tiny_pipeline_dir, tmp_path, caplog):
+    parent = tmp_path / "generated"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": store,
+           "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.generate", "--checkpoint", str(tiny_pipeline_dir),
+                             "--n_per_prompt", "100000", "--batch_size", "2", "--num_inference_steps", "1",
+                             "--output_dir", str(parent / "killed")], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "generate.log", "w"))
+    try:
+        deadline = time.monotonic() + 300
+        while not list(parent.glob(".killed.tmp-*/CheXpert-v1.0-small/train")):  # it is writing images
+            assert proc.poll() is None, (tmp_path / "generate.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "generate never started writing"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    (stale,) = parent.glob(".killed.tmp-*")
+    # a live generate's folder in the same place is left alone
+    busy = parent / f".busy{generate._tmp_owner()}abc"
+    busy.mkdir()
+    with caplog.at_level(logging.WARNING, logger="harness.generate"):
+        _run(tiny_pipeline_dir, parent / "next", n=1)
+    assert not stale.exists() and busy.exists()
+    assert f"removing {stale}" in caplog.text
+    assert sorted(p.name for p in parent.iterdir()) == [busy.name, "next"]

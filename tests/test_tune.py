@@ -22,7 +22,7 @@ from conftest import serve_mlflow
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from harness import report, tune
+from harness import finetune, report, tracking, tune
 from harness.data import load_table
 
 RUN_ID = "mlflow_run_id"  # where optuna_integration's MLflowCallback keeps a trial's run id
@@ -128,9 +128,10 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
 def test_crashing_trial_is_recorded_and_the_study_goes_on(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    # An infinite learning rate: the weights blow up, the loss is NaN at step 2 and finetune raises.
-    study.enqueue_trial({"learning_rate": float("inf"), "steps": 2})
-    study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 2, "--steps_min", "2"))
+    # The largest float32 learning rate: after the warmup's first step (at rate 0) the weights blow
+    # up, the loss is not finite at step 3 and finetune raises.
+    study.enqueue_trial({"learning_rate": 3e38, "steps": 3})
+    study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 2, steps=(2, 3)))
     crashed, ok = _study(storage).trials
     assert crashed.state == TrialState.FAIL and ok.state == TrialState.COMPLETE
     client = MlflowClient()
@@ -204,6 +205,77 @@ def test_adherence_objective_judges_checkpoints_without_training_classifiers(mlf
     assert len(classify_runs) == 2  # the judge, and the best trial's one look at the test split
     assert study_run.data.metrics["best_adherence_mean"] == pytest.approx(trial.value)
     assert client.get_run(study_run.data.tags["harness.tune.test_classify_run"]).data.params["test_split"] == "test"
+
+
+def test_a_study_without_the_pretrained_model_fails_before_any_trial(mlflow_store, tune_phantom, tmp_path):
+    """A fresh store where `cxr-sd-base` is not registered: each trial used to fail on it in turn,
+    and the study ended FINISHED."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(LookupError, match="no 'cxr-sd-base' model is registered"):
+        tune.main(_argv(tune_phantom, "base", storage, 3))
+    assert _study(storage).trials == []
+    (study_run,) = _runs()
+    assert study_run.info.status == "FAILED" and "cxr-sd-base" in study_run.data.tags["harness.error"]
+
+
+def test_a_study_whose_every_trial_fails_ends_failed(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path,
+                                                     monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(finetune, "main", broken)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(tune.StudyFailed, match=r"no trial of study 's' completed \(2 fail\); 2 of 2 failed trial\(s\) "
+                                               r"with RuntimeError: CUDA error"):
+        tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 2))
+    assert [t.state for t in _study(storage).trials] == [TrialState.FAIL] * 2
+    study_run = next(r for r in _runs() if r.data.tags.get("harness.entry_point") == "tune")
+    assert study_run.info.status == "FAILED" and "CUDA error" in study_run.data.tags["harness.error"]
+    assert study_run.data.metrics["n_trials_fail"] == 2  # the study's summary is still logged
+
+
+def test_unreachable_storage_fails_at_once_and_its_password_is_never_logged(mlflow_store, tune_phantom,
+                                                                            tiny_pipeline_dir):
+    storage = f"postgresql://tuner:s3cret-pw@127.0.0.1:{_free_port()}/optuna"
+    with pytest.raises(ConnectionError, match=r"optuna storage postgresql://tuner:\*\*\*@127.0.0.1:\d+/optuna "
+                                              "cannot be opened"):
+        tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 1))
+    (run,) = _runs()
+    assert run.info.status == "FAILED"
+    assert run.data.params["storage"] == run.data.tags["harness.tune.storage"] == tracking.redact_url(storage)
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    assert not [v for v in logged if "s3cret" in v]
+
+
+def test_a_password_that_mlflow_run_logged_is_refused(mlflow_store, tune_phantom, tiny_pipeline_dir, monkeypatch):
+    """`mlflow run -P storage=postgresql://user:pw@...` logs the URL as the run's parameter before
+    the entry point starts, and MLflow cannot delete it: the run fails, saying what to do."""
+    import mlflow
+
+    storage = f"postgresql://tuner:s3cret-pw@127.0.0.1:{_free_port()}/optuna"
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("mlflow-run"))
+    client.log_param(run.info.run_id, "storage", storage)  # what the mlflow run CLI does
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    with pytest.raises(ValueError, match="PGPASSWORD or ~/.pgpass"):
+        tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 1))
+    mlflow.end_run()
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and not [v for v in run.data.tags.values() if "s3cret" in v]
+
+
+def test_tracking_redact_url_hides_every_credential():
+    assert tracking.redact_url("postgresql://u:p@ss/w@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert tracking.redact_url("error on 'mysql+pymysql://u:pw@h/db?ssl=1&password=pw2'") == \
+        "error on 'mysql+pymysql://u:***@h/db?ssl=1&password=***'"
+    for plain in ("sqlite:///optuna.db", "postgresql://u@h/db", "http://127.0.0.1:5000/#/experiments"):
+        assert tracking.redact_url(plain) == plain
+
+
+def test_unknown_data_format_is_refused_by_the_arguments(capsys):
+    with pytest.raises(SystemExit):
+        tune.parse_args(["--arm", "dreambooth", "--data", "dicom:/data"])
+    assert "unknown data format 'dicom'" in capsys.readouterr().err
 
 
 def _env(**extra) -> dict:
