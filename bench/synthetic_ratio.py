@@ -87,7 +87,7 @@ def compare(predictions, earlier: Path) -> dict:
     same real test images, with its bootstrap CI."""
     import pandas as pd
 
-    from harness.classify import PREDICTIONS
+    from harness.compare import PREDICTIONS
     from harness.evaluate import paired_macro_difference
 
     other = pd.read_csv(earlier / PREDICTIONS).set_index("path").loc[predictions["path"]]
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         synth_run = classify.main(["--train", synthetic, *common])
         timings["classify_synthetic_s"] = time.perf_counter() - t
         metrics = client.get_run(synth_run).data.metrics
-        from harness.classify import PREDICTIONS, load_predictions
+        from harness.compare import PREDICTIONS, load_predictions
 
         predictions = load_predictions(synth_run)
         if a.keep:  # what a later --compare pairs with

@@ -62,7 +62,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from harness import tracking
 from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
                                 log_classifier, predict, save_classifier, train_classifier)
-from harness.classify import snake
+from harness.metrics import snake
 from harness.cli import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table
 from harness.data.datasets import SPLITS, image_tensor

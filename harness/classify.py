@@ -30,7 +30,7 @@ per epoch ``train_loss``, ``valid_loss``, ``valid_auc_macro``, ``valid_auc_<l>``
 ``target_<l>`` and ``score_<l>``: every figure can be recomputed from it). A label with one class
 in the test split gets nan metrics and a ``harness.warning.auc_<l>`` tag. With ``--baseline_run``:
 ``auc_diff_<l>`` = this run's AUC minus the baseline's on the same images, with its paired CI, and
-``auc_diff_macro``. ``macro_auc_difference`` gives the same paired comparison of the macro AUC
+``auc_diff_macro``. ``harness.compare.macro_auc_difference`` gives the same paired comparison of the macro AUC
 between any two classify runs from their ``predictions.csv`` (the pipeline's arm differences).
 
 Models: ``small_cnn`` (default, CPU) or ``densenet`` (torchxrayvision's DenseNet-121, randomly
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 import time
 import warnings
@@ -60,13 +59,13 @@ from sklearn.metrics import roc_curve
 from harness import tracking
 from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
 from harness.cli import int_arg
+from harness.compare import PREDICTIONS, load_baseline
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.datasets import META_COLUMNS
-from harness.evaluate import (bootstrap_auc, paired_difference, paired_macro_difference, per_label_accuracy,
+from harness.evaluate import (bootstrap_auc, paired_difference, per_label_accuracy,
                               per_label_balanced_accuracy)
-from harness.metrics import macro_auc, nan_mean, per_label_auc
+from harness.metrics import check_metric_names, macro_auc, nan_mean, per_label_auc, snake
 
-PREDICTIONS = "predictions.csv"
 PREDICTION_META = ["path", "patient", "study", "view"]
 
 
@@ -119,21 +118,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as err:
             p.error(f"--labels: {err}")
     return args
-
-
-def snake(label: str) -> str:
-    """A label as it appears in metric and column names: 'Pleural Effusion' -> 'pleural_effusion'."""
-    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
-
-
-def check_metric_names(labels: list[str]) -> list[str]:
-    """The labels' metric names (``snake``); a ValueError unless they are distinct and not empty
-    (a label of CJK characters only has an empty one)."""
-    names = [snake(l) for l in labels]
-    if len(set(names)) != len(names) or "" in names:
-        raise ValueError(f"labels {labels} do not give distinct metric names ({names}); metric names keep "
-                         "the letters a-z and digits of a label: rename the label columns")
-    return names
 
 
 def run_identity(args) -> tuple[str, dict]:
@@ -226,69 +210,6 @@ def _loader(table, labels, args, shuffle: bool):
 
 
 # -------------------------------------------------------------------------------------- baseline
-
-
-def load_predictions(run_id: str) -> pd.DataFrame:
-    """A classify run's ``predictions.csv``: path, patient, study, view, ``target_<l>``, ``score_<l>``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS, dst_path=tmp)
-        except Exception as err:  # MlflowException or OSError, depending on the store
-            raise ValueError(f"run {run_id} has no {PREDICTIONS} (is it a classify run?): {err}") from err
-        return pd.read_csv(path)
-
-
-def load_baseline(run_id: str, test: pd.DataFrame, labels: list[str]) -> np.ndarray:
-    """The baseline run's test scores [N, L], aligned to ``test``'s rows; errors unless it scored
-    the same images with the same targets and labels."""
-    base = load_predictions(run_id)
-    names = [snake(l) for l in labels]
-    missing = [c for n in names for c in (f"target_{n}", f"score_{n}") if c not in base.columns]
-    if missing:
-        have = [c.removeprefix("score_") for c in base.columns if c.startswith("score_")]
-        raise ValueError(f"label sets differ: baseline run {run_id} has labels {have}, this run {names}")
-    here, there = set(test["path"]), set(base["path"])
-    if here != there or len(base) != len(test):
-        raise ValueError(f"baseline run {run_id} was tested on other images: {len(there - here)} only there, "
-                         f"{len(here - there)} only here (of {len(there)} and {len(here)}); use the same --test, "
-                         f"--views and --uncertain")
-    base = base.set_index("path").loc[test["path"]]
-    targets = base[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64)
-    ours = test[labels].to_numpy(dtype=np.float64)
-    if not np.array_equal(targets, ours, equal_nan=True):
-        raise ValueError(f"baseline run {run_id} has other targets for the same test images (another --uncertain?)")
-    return base[[f"score_{n}" for n in names]].to_numpy(dtype=np.float64)
-
-
-def macro_auc_difference(run_a: str, run_b: str, n_resamples: int = 1000, seed: int = 0,
-                         confidence: float = 0.95) -> tuple[float, float, float]:
-    """Macro AUC of classify run a minus run b on the same test images, with its paired bootstrap
-    CI (``harness.evaluate.paired_macro_difference``): ``(diff, low, high)``."""
-    a = load_predictions(run_a)
-    names = [c.removeprefix("score_") for c in a.columns if c.startswith("score_")]
-    targets = a[[f"target_{n}" for n in names]].to_numpy(dtype=np.float64)
-    test = pd.DataFrame({"path": a["path"], **{n: targets[:, j] for j, n in enumerate(names)}})
-    score_b = load_baseline(run_b, test, names)  # the same images, targets and labels, or an error
-    return paired_macro_difference(targets, a[[f"score_{n}" for n in names]].to_numpy(dtype=np.float64), score_b,
-                                   names, n_resamples=n_resamples, seed=seed, confidence=confidence)
-
-
-DIFFERENCE_COLUMNS = ["macro AUC difference", "CI low", "CI high"]
-
-
-def difference_table(pairs: dict[str, tuple[str, str]], seed: int = 0, skip_incomparable: bool = False) -> pd.DataFrame:
-    """``{row name: (classify run a, classify run b)}`` -> a table of ``macro_auc_difference``s;
-    with ``skip_incomparable`` a pair without predictions or scored on other images is left out."""
-    rows = {}
-    for name, (a, b) in pairs.items():
-        try:
-            rows[name] = dict(zip(DIFFERENCE_COLUMNS, macro_auc_difference(a, b, seed=seed)))
-        except ValueError:
-            if not skip_incomparable:
-                raise
-    table = pd.DataFrame.from_dict(rows, orient="index", columns=DIFFERENCE_COLUMNS)
-    table.index.name = "arms"
-    return table
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -1,7 +1,9 @@
-"""Classification metrics: per-label ROC AUC with unknown targets masked, and their macro (nan-skipping) mean."""
+"""Classification metrics: per-label ROC AUC with unknown targets masked, their macro (nan-skipping)
+mean, and the names labels take in metric and column names."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -49,3 +51,18 @@ def nan_mean(per_label: dict) -> float:
 
 
 macro_auc = nan_mean  # the macro AUC is the nan-mean of the per-label AUCs
+
+
+def snake(label: str) -> str:
+    """A label as it appears in metric and column names: 'Pleural Effusion' -> 'pleural_effusion'."""
+    return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_")
+
+
+def check_metric_names(labels: list[str]) -> list[str]:
+    """The labels' metric names (``snake``); a ValueError unless they are distinct and not empty
+    (a label of CJK characters only has an empty one)."""
+    names = [snake(l) for l in labels]
+    if len(set(names)) != len(names) or "" in names:
+        raise ValueError(f"labels {labels} do not give distinct metric names ({names}); metric names keep "
+                         "the letters a-z and digits of a label: rename the label columns")
+    return names

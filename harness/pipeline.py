@@ -22,7 +22,7 @@ pipeline process (``kill -9`` included), and a rerun first stops any step proces
 pipeline left running, so two processes never train the same fine-tune.
 
 Every argument is checked before anything runs: the pipeline's own, and each step's command line
-through that step's parser; the data's labels must give metric names (``classify.snake``).
+through that step's parser; the data's labels must give metric names (``harness.metrics.snake``).
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 from harness import checks, classify, finetune, generate, tracking
+from harness.compare import difference_table
+from harness.metrics import check_metric_names, snake
 from harness.classifier import CLASSIFIERS
 from harness.cli import bool_arg, int_arg
 from harness.data import DataSpec, load_table
@@ -157,7 +159,7 @@ def _check_step_arguments(p: argparse.ArgumentParser, args, arms: list[str]) -> 
 def check_labels(data: str) -> list[str]:
     """The data's labels, which must give distinct, non-empty metric names (classify needs them,
     after the fine-tunes): checked before any step."""
-    return classify.check_metric_names(load_table(data, "train").attrs["labels"])
+    return check_metric_names(load_table(data, "train").attrs["labels"])
 
 
 def code_version() -> str:
@@ -280,7 +282,7 @@ def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], see
     images, with its 95% bootstrap CI; logged as metrics of the active run."""
     pairs = {(arms[0], arm, step): (done[f"classify/{arms[0]}/{step}"], done[f"classify/{arm}/{step}"])
              for step in steps for arm in arms[1:]}
-    table = classify.difference_table({f"{a} - {b} @ {step}": runs for (a, b, step), runs in pairs.items()}, seed)
+    table = difference_table({f"{a} - {b} @ {step}": runs for (a, b, step), runs in pairs.items()}, seed)
     for (a, b, step), row in zip(pairs, table.itertuples(index=False)):
         name = f"macro_auc_diff_{a}_minus_{b}_{step}"
         mlflow.log_metrics({name: row[0], f"{name}_ci_low": row[1], f"{name}_ci_high": row[2]})
@@ -461,7 +463,7 @@ def _row(run_id: str) -> dict:
     """The write-up's columns from a classify run: per-disease AUC, macro AUC, accuracy and
     balanced accuracy (accuracy at 0.5 mostly reflects the labels' prevalence)."""
     metrics = MlflowClient().get_run(run_id).data.metrics
-    row = {label: metrics.get(f"auc_{classify.snake(label)}", float("nan")) for label in FINDINGS}
+    row = {label: metrics.get(f"auc_{snake(label)}", float("nan")) for label in FINDINGS}
     row["macro AUC"] = metrics.get("auc_macro", float("nan"))
     row["accuracy"] = metrics.get("acc_macro", float("nan"))
     row["balanced accuracy"] = metrics.get("bal_acc_macro", float("nan"))

@@ -43,8 +43,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness import tracking  # noqa: E402
-from harness.classify import difference_table, snake  # noqa: E402
 from harness.cli import bool_arg  # noqa: E402
+from harness.compare import difference_table  # noqa: E402
+from harness.metrics import snake  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402
 from registry.promote import ALIAS, history  # noqa: E402
 from registry.register import CHECKS_METRICS, MODEL_PREFIX, value  # noqa: E402
@@ -153,7 +154,7 @@ def _num(x) -> float:
 
 def arm_differences(study: dict) -> pd.DataFrame:
     """The first arm's macro AUC minus each other arm's at each step both have a version, paired
-    on the same test images (``classify.difference_table`` of their classify runs, seed 0 as the
+    on the same test images (``harness.compare.difference_table`` of their classify runs, seed 0 as the
     pipeline's default)."""
     at = {}
     for v in study["versions"]:  # the newest version of an arm @ step comes first

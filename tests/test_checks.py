@@ -23,6 +23,7 @@ from harness.classifier import build_classifier, train_classifier
 from harness.data import load_table
 from harness.data.phantom import write_phantom
 from harness.generate import label_cells
+from harness.metrics import snake
 from harness.pathologies import CHEXPERT_COLUMNS, FINDINGS
 
 RES = 32  # the checks at 32 px: the phantom's views and copies are plain at that size, and it is 4x faster
@@ -237,7 +238,7 @@ def test_entry_point_logs_adherence_and_its_ceiling(mlflow_store, phantom, tmp_p
     run = mlflow.get_run(checks.main(["--generated", generated, "--real", real, *FAST,
                                       "--classifier_run", classifier_run]))
     m = run.data.metrics
-    names = [classify.snake(f) for f in FINDINGS]
+    names = [snake(f) for f in FINDINGS]
     for prefix in ("adherence", "adherence_ceiling"):
         values = [m[f"{prefix}_{n}"] for n in names]
         assert all(0 <= v <= 1 for v in values)  # every finding was prompted

@@ -14,6 +14,8 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from harness import classify
+from harness.compare import macro_auc_difference
+from harness.metrics import snake
 from harness.data import HOLDOUT_FRACTION, load_table
 from harness.pathologies import FINDINGS
 
@@ -41,7 +43,7 @@ def test_logged_metrics_recompute_from_predictions(mlflow_store, tiny_phantom):
     assert len(pred) == int(run.data.params["n_test_images"]) and pred["path"].is_unique
     aucs = []
     for label in FINDINGS:
-        name = classify.snake(label)
+        name = snake(label)
         expected = _auc(pred, name)
         aucs.append(expected)
         if math.isnan(expected):
@@ -56,7 +58,7 @@ def test_logged_metrics_recompute_from_predictions(mlflow_store, tiny_phantom):
         assert metrics[f"bal_acc_{name}"] == pytest.approx(balanced_accuracy_score(
             pred.loc[known, f"target_{name}"], pred.loc[known, f"score_{name}"] >= 0.5))
     assert metrics["auc_macro"] == pytest.approx(np.nanmean(aucs))
-    assert metrics["bal_acc_macro"] == pytest.approx(np.nanmean([metrics[f"bal_acc_{classify.snake(l)}"]
+    assert metrics["bal_acc_macro"] == pytest.approx(np.nanmean([metrics[f"bal_acc_{snake(l)}"]
                                                                 for l in FINDINGS]))
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "valid_auc_macro")
     assert [m.step for m in history] == [1]
@@ -86,14 +88,14 @@ def test_paired_comparison_with_a_baseline_run(mlflow_store, tiny_phantom):
     assert run.data.tags["harness.baseline_run"] == base_id
     ours, theirs = _predictions(run_id), _predictions(base_id)
     for label in FINDINGS:
-        name = classify.snake(label)
+        name = snake(label)
         diff = _auc(ours, name) - _auc(theirs, name)
         logged = run.data.metrics[f"auc_diff_{name}"]
         assert logged == pytest.approx(diff, abs=1e-9, nan_ok=True)
         low, high = run.data.metrics[f"auc_diff_{name}_ci_low"], run.data.metrics[f"auc_diff_{name}_ci_high"]
         assert math.isnan(low) or low <= logged <= high
     # the macro AUC's paired difference, from the two runs' predictions alone
-    diff, low, high = classify.macro_auc_difference(run_id, base_id, n_resamples=100)
+    diff, low, high = macro_auc_difference(run_id, base_id, n_resamples=100)
     assert diff == pytest.approx(run.data.metrics["auc_diff_macro"], abs=1e-9)
     assert low <= diff <= high
 

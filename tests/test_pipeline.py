@@ -21,7 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from harness import classify, finetune, pipeline, report, tracking
-from harness.classify import snake
+from harness.compare import macro_auc_difference
+from harness.metrics import snake
 from harness.pathologies import FINDINGS
 from registry.register import model_name
 
@@ -87,7 +88,7 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     classify_runs = {(v.tags["arm"], int(v.tags["step"])): v.tags["classify_run_id"] for v in versions}
     differences = {}
     for step in (1, 2):
-        differences[step] = classify.macro_auc_difference(classify_runs["dreambooth", step],
+        differences[step] = macro_auc_difference(classify_runs["dreambooth", step],
                                                           classify_runs["text_encoder", step])
         metric = f"macro_auc_diff_dreambooth_minus_text_encoder_{step}"
         logged = [parent.data.metrics[f"{metric}{suffix}"] for suffix in ("", "_ci_low", "_ci_high")]
