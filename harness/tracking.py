@@ -141,7 +141,7 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.set_tag(TAG_ERROR, redact_url(f"{type(exc).__name__}: {exc}")[:5000])  # errors quote URLs
         mlflow.end_run("FAILED")
         raise
     else:

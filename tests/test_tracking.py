@@ -61,3 +61,17 @@ def test_reaper_fails_the_pending_models_of_the_runs_it_reaps(mlflow_store):
     assert client.get_run(dead.info.run_id).info.status == "KILLED"
     assert str(client.get_logged_model(pending.model_id).status) == "FAILED"
     assert str(client.get_logged_model(ready.model_id).status) == "READY"
+
+
+def test_a_failed_runs_error_tag_hides_credentials(mlflow_store):
+    """Errors quote the URLs they failed on: the error tag must not keep a password."""
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+
+    with pytest.raises(ConnectionError):
+        with tracking.tracked_run("fails") as run:
+            raise ConnectionError("could not reach postgresql://alice:s3cret@db/optuna")
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    assert "s3cret" not in tags[tracking.TAG_ERROR] and "alice" in tags[tracking.TAG_ERROR]
