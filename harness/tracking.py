@@ -84,6 +84,30 @@ def reap_dead_runs(client: MlflowClient | None = None) -> list[str]:
             continue
         end_dead_run(run.info.run_id, f"process {pid} on {host} died without ending the run", client)
         reaped.append(run.info.run_id)
+    return reaped + reap_unstarted_project_runs(client, experiment_ids)
+
+
+# `mlflow run` creates its run, then builds the environment, then starts the step, which tags its
+# pid at once. A project run with no pid this long after it started never got a step: the
+# environment failed (e.g. no conda), and MLflow left it RUNNING.
+PROJECT_START_TIMEOUT_S = 3600
+
+
+def reap_unstarted_project_runs(client: MlflowClient, experiment_ids: list[str],
+                                timeout_s: float = PROJECT_START_TIMEOUT_S) -> list[str]:
+    cutoff = int((time.time() - timeout_s) * 1000)
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"attributes.status = 'RUNNING' and tags.`mlflow.project.env` != '' "
+                      f"and attributes.start_time < {cutoff}")
+    reaped = []
+    for run in runs:
+        if TAG_PID in run.data.tags:
+            continue
+        env = run.data.tags.get("mlflow.project.env")
+        end_dead_run(run.info.run_id, f"`mlflow run` never started the step: its {env} environment was not "
+                                      f"created (try --env-manager local)", client)
+        reaped.append(run.info.run_id)
     return reaped
 
 

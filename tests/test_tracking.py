@@ -75,3 +75,25 @@ def test_a_failed_runs_error_tag_hides_credentials(mlflow_store):
             raise ConnectionError("could not reach postgresql://alice:s3cret@db/optuna")
     tags = MlflowClient().get_run(run.info.run_id).data.tags
     assert "s3cret" not in tags[tracking.TAG_ERROR] and "alice" in tags[tracking.TAG_ERROR]
+
+
+def test_a_project_run_whose_environment_never_came_up_is_reaped(mlflow_store):
+    """`mlflow run` without conda installed creates its run, fails to build the environment and
+    leaves the run RUNNING with no step (no pid tag): the next entry point ends it."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from harness import tracking
+
+    client = MlflowClient()
+    experiment = client.create_experiment("projects")
+    now = int(time.time() * 1000)
+    old = client.create_run(experiment, start_time=now - 2 * tracking.PROJECT_START_TIMEOUT_S * 1000,
+                            tags={"mlflow.project.env": "conda"})
+    young = client.create_run(experiment, start_time=now, tags={"mlflow.project.env": "conda"})
+    plain = client.create_run(experiment, start_time=now - 2 * tracking.PROJECT_START_TIMEOUT_S * 1000)
+    assert tracking.reap_dead_runs(client) == [old.info.run_id]
+    assert client.get_run(old.info.run_id).info.status == "KILLED"
+    assert "--env-manager local" in client.get_run(old.info.run_id).data.tags[tracking.TAG_ERROR]
+    assert {client.get_run(r.info.run_id).info.status for r in (young, plain)} == {"RUNNING"}
