@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int_arg, default=8)
     p.add_argument("--seed", type=int_arg, default=0)
     p.add_argument("--promote_margin", type=float, default=0.0, help="AUC a checkpoint must gain to take champion")
+    p.add_argument("--registered_model", default="",
+                   help="registered model for the judged checkpoints (default: cxr-sd-<data>-<path hash>, "
+                        "registry.register.model_name); name it when workers see the data under other paths")
     p.add_argument("--force", type=bool_arg, default=False, help="rerun steps even when a finished one matches")
     p.add_argument("--jobs", type=int_arg, default=0,
                    help="worker processes for independent steps; 0 = 2 on a CPU-only machine with 2+ cores, "
@@ -201,7 +204,7 @@ def main(argv=None) -> pd.DataFrame:
         start = time.perf_counter()
         table, differences = study(args)
         if args.arms.strip():
-            _promote(model_name(args.data), args.promote_margin)
+            _promote(args.registered_model or model_name(args.data), args.promote_margin)
         mlflow.log_metric("pipeline_seconds", time.perf_counter() - start)
         mlflow.log_table(table.reset_index(), "comparison.json")
         mlflow.log_text(table.to_markdown(floatfmt=".3f"), "comparison.md")
@@ -269,7 +272,8 @@ def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
         for step in args.eval:
             at = f"{arm}/{step}"
             version = register_checkpoint(done[f"finetune/{arm}"], step, done[f"classify/{at}"],
-                                          done[f"generate/{at}"], done[f"checks/{at}"])
+                                          done[f"generate/{at}"], done[f"checks/{at}"],
+                                          name=args.registered_model or None)
             print(f"[pipeline] {arm} @ {step}: registered {version.name} version {version.version}")
             rows[f"{arm} @ {step}"] = {**_row(done[f"classify/{at}"]), **_checks_row(done[f"checks/{at}"])}
     table = pd.DataFrame.from_dict(rows, orient="index")

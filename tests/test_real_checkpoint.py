@@ -104,7 +104,7 @@ def test_every_entry_point_runs_from_a_real_checkpoint_layout(mlflow_store, tiny
     table = pipeline.main(["--data", data, "--pretrained_model", str(real_layout_dir),
                            "--arms", "dreambooth,text_encoder", "--steps", "2", "--eval_steps", "2",
                            "--n_per_prompt", "3", "--num_inference_steps", "2", "--epochs", "1",
-                           "--batch_size", "4", "--jobs", "1"])
+                           "--batch_size", "4", "--jobs", "1", "--registered_model", "cxr-sd-sd2-layout"])
     assert list(table.index) == ["real images", "dreambooth @ 2", "text_encoder @ 2"]
 
     client = MlflowClient()
@@ -116,8 +116,9 @@ def test_every_entry_point_runs_from_a_real_checkpoint_layout(mlflow_store, tiny
         assert run.data.tags["harness.safety_checker"].startswith("disabled")
 
     # The checkpoint keeps the pipeline's own prediction type and scheduler family.
-    version = client.get_model_version_by_alias(model_name(data), "champion")
-    model = mlflow.pyfunc.load_model(f"models:/{model_name(data)}@champion")
+    assert not client.search_registered_models(f"name = '{model_name(data)}'")  # the name chosen, not the default
+    version = client.get_model_version_by_alias("cxr-sd-sd2-layout", "champion")
+    model = mlflow.pyfunc.load_model("models:/cxr-sd-sd2-layout@champion")
     images = model.predict(pd.DataFrame({"prompt": ["a frontal chest x-ray showing edema"], "seed": [0],
                                          "num_inference_steps": [2]}))
     assert np.asarray(images).shape[-3:] == (32, 32, 3) and np.asarray(images).dtype == np.uint8
