@@ -43,7 +43,7 @@ report: venv
 	$(MLFLOW) run . -e report --env-manager local
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=15
 
 bench: venv
 	$(PY) -m bench.train_throughput

@@ -229,7 +229,7 @@ class Task:
 def _finetune_argv(args, arm: str) -> list[str]:
     return ["--arm", arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
             "--steps", str(args.steps), "--learning_rate", str(args.learning_rate),
-            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--checkpoint_every", str(_gcd(args.eval))]
+            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--checkpoint_every", str(math.gcd(*args.eval))]
 
 
 def _generate_argv(args, finetune_run: str, step: int) -> list[str]:
@@ -441,15 +441,6 @@ def _promote(name: str, margin: float) -> None:
         return
     mlflow.set_tag("harness.champion", f"{name}@champion = version {decision.champion}")
     print(f"[pipeline] {name}@champion: {decision.reason}")
-
-
-def _gcd(steps: list[int]) -> int:
-    from math import gcd
-
-    out = 0
-    for s in steps:
-        out = gcd(out, s)
-    return out
 
 
 def _checks_row(run_id: str) -> dict:
