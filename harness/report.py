@@ -381,7 +381,7 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
                          "and there is no tuning study; run the pipeline first, e.g. "
                          "`mlflow run . -e pipeline --env-manager local`")
     out.mkdir(parents=True, exist_ok=True)
-    md, body, written = ["# Synthetic chest X-rays as training data", ""], [], []
+    md, body, written, summary = ["# Synthetic chest X-rays as training data", ""], [], [], []
     for name in names:
         study = collect(client, name)
         if not study["versions"]:
@@ -404,6 +404,7 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
         champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
                       f"({study['labels'][champion].split(' (')[0]})"
                       if champion else "no champion yet (run `python -m registry.promote --name " + name + "`)")
+        summary += [f"{name}: champion {champ_text}", display_auc(auc, lambda t: t).to_string(), ""]
         baseline = study["baseline"]
         md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),
                f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
@@ -452,7 +453,7 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
             body += [_img(plot)]
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(HTML.format(body="\n".join(body)))
-    return {"markdown": out / "report.md", "html": out / "report.html", "files": written}
+    return {"markdown": out / "report.md", "html": out / "report.html", "files": written, "summary": summary}
 
 
 def _img(path: Path) -> str:
@@ -510,6 +511,8 @@ def main(argv=None) -> dict:
         mlflow.log_param("models", ",".join(names))
         for path in [result["markdown"], result["html"], *result["files"]]:
             mlflow.log_artifact(str(path), "report" if path.parent == out else f"report/{path.parent.name}")
+    # The entry point ends the study's run of commands: its table and champion, then where the report is.
+    print("\n".join(result["summary"]))
     print(f"[report] {result['markdown']} and {result['html']}")
     return result
 

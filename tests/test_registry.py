@@ -221,7 +221,7 @@ def test_champion_generates_images(checkpoint):
     assert metadata.signature is not None and metadata.saved_input_example_info is not None
 
 
-def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipeline_dir):
+def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipeline_dir, capsys):
     """The shared-server setup: artifacts proxied by ``mlflow server``; register, promote, load the
     champion and build the report, all over HTTP."""
     from harness import report
@@ -241,6 +241,9 @@ def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipel
     assert table.loc["dreambooth @ 2", "macro AUC"] == pytest.approx(0.9)
     assert table.loc["dreambooth @ 1", "Cardiomegaly_ci_low"] == pytest.approx(0.6)
     assert "version " + str(second.version) in result["markdown"].read_text()
+    printed = capsys.readouterr().out  # it ends make demo: the table, the champion, where the report is
+    assert f"{NAME}: champion models:/{NAME}@champion = version {second.version}" in printed
+    assert "dreambooth @ 2" in printed and "macro AUC" in printed and printed.rstrip().endswith("report.html")
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it)")
