@@ -75,6 +75,7 @@ def test_checkpoint_reloads_and_generates(mlflow_store, tiny_phantom, tiny_pipel
     assert images.shape == (1, 32, 32, 3) and images.dtype == "uint8"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "harness.finetune", "--arm", "dreambooth",
@@ -148,6 +149,7 @@ def test_rerun_of_a_finished_run_trains_again(mlflow_store, tiny_phantom, tiny_p
     assert len(MlflowClient().get_metric_history(again.info.run_id, "loss")) == 2
 
 
+@pytest.mark.slow
 def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     """The user's form: `mlflow run . -e dreambooth -P steps=... --env-manager local`."""
     root = Path(finetune.__file__).parents[1]

@@ -295,6 +295,7 @@ def test_default_output_dir_is_under_HARNESS_OUTPUT_DIR(store, tiny_pipeline_dir
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_generate_leaves_a_folder_that_the_next_one_removes(store, tiny_pipeline_dir, tmp_path, caplog):
     parent = tmp_path / "generated"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": store,

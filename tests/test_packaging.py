@@ -6,6 +6,7 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ def _bare_env(tmp_path) -> dict:
             "HARNESS_DATA_DIR": str(tmp_path / "data"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
 
 
+@pytest.mark.slow
 def test_mlflow_run_finds_the_project_env_when_it_is_not_active(tmp_path):
     """`.venv/bin/mlflow run . --env-manager local` without activating .venv once failed inside the
     step with "No module named 'mlflow'": MLproject commands go through bin/python, which finds it."""

@@ -32,6 +32,7 @@ def _runs():
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, tiny_pipeline_dir):
     argv = ["--data", f"chexpert:{tiny_phantom}", "--pretrained_model", str(tiny_pipeline_dir),
             "--arms", "dreambooth,text_encoder", "--steps", "2", "--eval_steps", "1,2", "--n_per_prompt", "3",
@@ -122,6 +123,7 @@ def test_pipeline_runs_every_step_then_reuses_them(mlflow_store, tiny_phantom, t
     assert {"report/report.md", "report/report.html", f"report/{name}_auc.csv"} <= artifacts
 
 
+@pytest.mark.slow
 def test_a_step_failing_in_a_worker_fails_the_pipeline_and_leaves_no_run_running(mlflow_store, tiny_phantom,
                                                                                  tmp_path):
     argv = ["--data", f"chexpert:{tiny_phantom}", "--pretrained_model", str(tmp_path / "no-such-model"),
@@ -189,6 +191,7 @@ def _env(**extra) -> dict:
             **extra}
 
 
+@pytest.mark.slow
 def test_killing_the_pipeline_kills_its_workers(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     """kill -9 of the pipeline process while its workers train: they must not go on (under a
     KILLED run, then waiting for ever on the task pipe) beside a rerun."""
@@ -221,6 +224,7 @@ def test_killing_the_pipeline_kills_its_workers(mlflow_store, tiny_phantom, tiny
     assert not [r for r in _runs() if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_a_worker_whose_parent_dies_ends_without_the_kernel_signal(tmp_path):
     """The portable fallback of ``die_with_parent``: the watchdog thread alone."""
     ready = tmp_path / "ready"

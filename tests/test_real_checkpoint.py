@@ -99,6 +99,7 @@ def test_bpe_tokenizer_is_clips(real_layout_dir):
                                                     "-</w>", "ray</w>", "showing</w>", "edema</w>", "<|endoftext|>"]
 
 
+@pytest.mark.slow
 def test_every_entry_point_runs_from_a_real_checkpoint_layout(mlflow_store, tiny_phantom, real_layout_dir):
     data = f"chexpert:{tiny_phantom}"
     table = pipeline.main(["--data", data, "--pretrained_model", str(real_layout_dir),

@@ -221,6 +221,7 @@ def test_champion_generates_images(checkpoint):
     assert metadata.signature is not None and metadata.saved_input_example_info is not None
 
 
+@pytest.mark.slow
 def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipeline_dir, capsys):
     """The shared-server setup: artifacts proxied by ``mlflow server``; register, promote, load the
     champion and build the report, all over HTTP."""

@@ -56,6 +56,7 @@ def _children(runs, parent_id):
     return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study_run_id = tune.main(_argv(tune_phantom, tiny_pipeline_dir, storage, 2, "--sampler_seed", "0"))
@@ -125,6 +126,7 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
     assert "Tuning (Optuna)" in result["markdown"].read_text()
 
 
+@pytest.mark.slow
 def test_crashing_trial_is_recorded_and_the_study_goes_on(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -144,6 +146,7 @@ def test_crashing_trial_is_recorded_and_the_study_goes_on(mlflow_store, tune_pha
     assert client.get_run(study_run_id).data.metrics["n_trials_fail"] == 1
 
 
+@pytest.mark.slow
 def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path,
                                                 monkeypatch):
     """Tiny random models give every trial about the same AUC, so the judged value is pinned: a
@@ -284,6 +287,7 @@ def _env(**extra) -> dict:
             **extra}
 
 
+@pytest.mark.slow
 def test_killed_worker_trial_is_failed_and_retried_on_resume(mlflow_store, tune_phantom, tiny_pipeline_dir,
                                                               tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -378,6 +382,7 @@ def mlflow_server(postgres, tmp_path):
         yield url
 
 
+@pytest.mark.slow
 def test_three_workers_share_a_study_on_postgresql(postgres, mlflow_server, tune_phantom, tiny_pipeline_dir,
                                                     tmp_path, monkeypatch):
     n_trials = 5  # more than the workers: some run two
