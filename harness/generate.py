@@ -8,9 +8,8 @@ Two ways to choose the prompts (``--prompts``):
   data set's train split (``--prompt_data``; default the data the checkpoint was fine-tuned on),
   the prompts the model was fine-tuned with. The synthetic set then has the real one's findings
   and their co-occurrence (cardiomegaly with edema and effusion...), which single-finding prompts
-  never show a classifier. Measured with the phantom renderer as a perfect generator (1200 images,
-  small_cnn, `python -m bench.synthetic_ratio --oracle`): real-test macro AUC 0.844 from disease
-  prompts, 0.881 from data prompts.
+  never show a classifier; with the phantom renderer as a perfect generator they train a better
+  classifier than disease prompts (`python -m bench.synthetic_ratio --oracle`; README).
 
 Images are drawn in batches (many prompts per pipeline call) and written as
 ``<out>/CheXpert-v1.0-small/{train,valid}.csv`` + grayscale JPEGs, labelled by the prompt that made

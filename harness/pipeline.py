@@ -16,8 +16,8 @@ table ``arm_differences.md``).
 
 Steps that do not depend on each other (the arms, the real baseline) run side by side in ``--jobs``
 worker processes, each with ``cpu_count // jobs`` torch threads: small models leave cores idle, so on
-2 CPU cores two 1-thread processes train the embedded UNet at 1.4-1.8x the images/s of one 2-thread
-process (``python -m bench.parallel_steps``: 82 vs 47 images/s, ratio 1.76). A worker dies with the
+2 CPU cores two 1-thread processes train the embedded UNet faster than one 2-thread process
+(``python -m bench.parallel_steps``; README). A worker dies with the
 pipeline process (``kill -9`` included), and a rerun first stops any step process that a dead
 pipeline left running, so two processes never train the same fine-tune.
 
@@ -81,13 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_steps", default="1200", help="checkpoints to judge, comma-separated")
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--batch_size", type=int_arg, default=8)
-    # Fewer images cannot show anything: the phantom renderer itself, as a perfect generator, gives a
-    # synthetic-trained macro AUC of 0.51 at 24 per disease prompt, 0.70 at 100, 0.84 at 200, 0.89 at
-    # 400 (real: 0.94; `python -m bench.synthetic_ratio --oracle --prompts disease`).
+    # Fewer images cannot show anything: even a perfect generator (the phantom renderer) trains a
+    # classifier near chance from a few dozen per prompt (`bench.synthetic_ratio --oracle`; README).
     p.add_argument("--n_per_prompt", type=int_arg, default=200,
                    help="synthetic images per disease prompt (data prompts: as many in all, x6)")
     # Data prompts (label sets drawn from the real train split) show a classifier the findings'
-    # co-occurrence; the perfect generator reaches 0.88 from 1200 of them, 0.84 from disease prompts.
+    # co-occurrence, which single-finding prompts never do (README: the perfect generator's figures).
     p.add_argument("--prompts", default="data", choices=["disease", "data"],
                    help="generate's prompts: data (the real label sets) or disease (the write-up's five + no finding)")
     # Few DPM-Solver steps: more did not change the synthetic AUC beyond its CI (README).

@@ -91,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps_max", type=int_arg, default=800)
     p.add_argument("--eval_every", type=int_arg, default=200,
                    help="judge a checkpoint every N steps (the pruner's intermediate values); steps are multiples")
-    # Per trial, as in the pipeline's defaults (harness.pipeline): fewer than ~200 images per prompt
-    # measure nothing (a perfect generator gives macro AUC 0.51 at 24, 0.70 at 100, 0.84 at 200).
+    # Per trial, as in the pipeline's defaults (harness.pipeline): too few images per prompt measure
+    # nothing, even from a perfect generator (`bench.synthetic_ratio --oracle`; README).
     p.add_argument("--batch_size", type=int_arg, default=8)
     p.add_argument("--n_per_prompt", type=int_arg, default=200, help="synthetic images per prompt and checkpoint")
     p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as the pipeline's --prompts")

@@ -4,7 +4,7 @@ MLflow's built-in diffusers support covers LoRA adapters only, so a fully fine-t
 wrapped here as a custom ``mlflow.pyfunc.PythonModel``: the pipeline directory travels as an
 artifact, and ``predict`` takes a DataFrame of prompts and returns images.
 
-    model = mlflow.pyfunc.load_model("models:/cxr-sd-base@latest")
+    model = mlflow.pyfunc.load_model("models:/cxr-sd-phantom@champion")
     images = model.predict(pd.DataFrame({"prompt": ["a frontal chest x-ray with no finding"]}))
 """
 

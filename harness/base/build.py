@@ -10,8 +10,7 @@ schedule, 10% empty captions for classifier-free guidance) on the captioned scen
 radiographs captioned only "a frontal/lateral chest x-ray": the base is our stand-in for SD's web
 prior, which draws something like a chest X-ray (the write-up: "the images looked like some chest
 x-rays") but was never told which findings an image shows - that is what fine-tuning teaches.
-(Measured, dreambooth at 600 steps, 1200 data-prompt images: synthetic macro AUC 0.567 from a
-scenes-only base, 0.591 from this one built with --n_radiographs 1200.) The radiographs' patients are not the phantom data set's.
+The radiographs' patients are not the phantom data set's.
 The text encoder also learns, from text alone (captions and the medical words), to keep each token
 readable from its output state, so prompts that differ in one finding word get different states,
 as a real CLIP text encoder gives them.
@@ -173,8 +172,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
 
     With ``identity_weight`` > 0 the text encoder also learns, on batches of ``text_corpus`` (text
     only, no images), to keep each token readable from its output state. Without it the jointly
-    trained encoder maps every prompt to nearly the same states (measured: cosine 0.999 between the
-    five disease prompts, 0.98 even between scene captions), so a UNet fine-tuned under the frozen
+    trained encoder maps every prompt to nearly the same states (``prompt_max_cosine`` near 1, logged
+    as ``disease_prompt_max_cosine``), so a UNet fine-tuned under the frozen
     encoder (the dreambooth arm) has no signal to tell the disease prompts apart."""
     unet.train().requires_grad_(True)
     text_encoder.train().requires_grad_(True)
