@@ -184,9 +184,9 @@ def run_step(name: str, entry, argv: list[str], force: bool) -> str:
         found = client.search_runs(experiments, f"tags.`{STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
                                    max_results=1)
         if found:
-            print(f"[pipeline] {name}: reusing run {found[0].info.run_id}")
+            log.info(f"{name}: reusing run {found[0].info.run_id}")
             return found[0].info.run_id
-    print(f"[pipeline] {name}: running")
+    log.info(f"{name}: running")
     run_id = entry(argv)
     client.set_tag(run_id, STEP_KEY, key)
     return run_id
@@ -273,7 +273,7 @@ def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
             version = register_checkpoint(done[f"finetune/{arm}"], step, done[f"classify/{at}"],
                                           done[f"generate/{at}"], done[f"checks/{at}"],
                                           name=args.registered_model or None)
-            print(f"[pipeline] {arm} @ {step}: registered {version.name} version {version.version}")
+            log.info(f"{arm} @ {step}: registered {version.name} version {version.version}")
             rows[f"{arm} @ {step}"] = {**_row(done[f"classify/{at}"]), **_checks_row(done[f"checks/{at}"])}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
@@ -439,7 +439,7 @@ def _promote(name: str, margin: float) -> None:
         mlflow.set_tag("harness.champion", f"none: {e}"[:5000])
         return
     mlflow.set_tag("harness.champion", f"{name}@champion = version {decision.champion}")
-    print(f"[pipeline] {name}@champion: {decision.reason}")
+    log.info(f"{name}@champion: {decision.reason}")
 
 
 def _checks_row(run_id: str) -> dict:
@@ -465,4 +465,5 @@ def _row(run_id: str) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

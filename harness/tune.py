@@ -161,7 +161,7 @@ def open_study(args) -> optuna.Study:
         except (IntegrityError, ProgrammingError) as err:  # "already exists" from a concurrent CREATE
             if attempt == 4:
                 raise
-            print(f"[tune] storage not ready ({type(err).__name__}), retrying")
+            log.info(f"storage not ready ({type(err).__name__}), retrying")
             time.sleep(1 + attempt)
     sampler = optuna.samplers.TPESampler(seed=None if args.sampler_seed < 0 else args.sampler_seed,
                                          constant_liar=True)  # workers in parallel spread their trials
@@ -355,7 +355,7 @@ def main(argv=None) -> str:
             if trials_used(study) >= args.n_trials:
                 break
             if args.timeout and time.perf_counter() - start > args.timeout:
-                print(f"[tune] --timeout {args.timeout} s reached")
+                log.info(f"--timeout {args.timeout} s reached")
                 break
             study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
             ran += 1
@@ -480,16 +480,16 @@ def summarize(study: optuna.Study, args) -> None:
     _log_plots(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
-        print("[tune] no trial completed yet")
+        log.info("no trial completed yet")
         return
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
     name = OBJECTIVES[args.objective]
     mlflow.log_metric(f"best_{name}", best.value)
     mlflow.set_tag(TAG + "best_trial_run", best.system_attrs.get(RUN_ID_ATTRIBUTE_KEY, ""))
-    print(f"[tune] best trial {best.number}: {name} {best.value:.4f} with {best.params}")
+    log.info(f"best trial {best.number}: {name} {best.value:.4f} with {best.params}")
     if counts["running"]:
-        print(f"[tune] {counts['running']} trial(s) still running: the last worker to finish scores the best "
+        log.info(f"{counts['running']} trial(s) still running: the last worker to finish scores the best "
               "trial on the test split")
         return
     test_run = evaluate_best(study, best, args)
@@ -513,7 +513,7 @@ def evaluate_best(study: optuna.Study, best, args) -> str:
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if k.startswith(("auc_", "acc_"))
                         and "_ci_" not in k})
     mlflow.set_tag(TAG + "test_classify_run", test_run)
-    print(f"[tune] best trial {best.number} on the test split: macro AUC {metrics.get('auc_macro', math.nan):.4f}")
+    log.info(f"best trial {best.number} on the test split: macro AUC {metrics.get('auc_macro', math.nan):.4f}")
     return test_run
 
 
@@ -525,13 +525,13 @@ def register_best(best, test_run: str, promote: bool = False) -> None:
     version = register_checkpoint(best.user_attrs["finetune_run"], step, classify_run_id=test_run,
                                   generate_run_id=best.user_attrs["generate_runs"][str(step)])
     mlflow.set_tag(TAG + "registered", f"models:/{version.name}/{version.version}")
-    print(f"[tune] registered models:/{version.name}/{version.version}")
+    log.info(f"registered models:/{version.name}/{version.version}")
     if promote:
         from registry.promote import promote as promote_version
 
         decision = promote_version(version.name, version=version.version)
         mlflow.set_tag(TAG + "promotion", decision.reason[:5000])
-        print(f"[tune] promotion: {decision.reason}")
+        log.info(f"promotion: {decision.reason}")
 
 
 def _log_plots(study: optuna.Study) -> None:
@@ -546,7 +546,7 @@ def _log_plots(study: optuna.Study) -> None:
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError) as err:
-                print(f"[tune] no {name} plot yet: {err}")
+                log.info(f"no {name} plot yet: {err}")
                 continue
             figure = getattr(axes, "figure", None) or axes.flat[0].figure
             mlflow.log_figure(figure, f"plots/{name}.png")
@@ -556,4 +556,5 @@ def _log_plots(study: optuna.Study) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

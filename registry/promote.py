@@ -19,6 +19,7 @@ with one champion, the better one, whichever writes last.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from registry.register import value
+
+log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 DEFAULT_METRIC = "auc_macro"  # the write-up's headline figure
@@ -153,9 +156,10 @@ def main(argv=None) -> Decision:
         decision = promote(args.name, args.metric, args.margin, args.alias, args.version or None)
         mlflow.set_tags({"harness.champion": str(decision.champion), "harness.moved": str(decision.moved),
                          "harness.reason": decision.reason[:5000]})
-    print(f"[promote] {args.name}@{args.alias} -> version {decision.champion}: {decision.reason}")
+    log.info(f"{args.name}@{args.alias} -> version {decision.champion}: {decision.reason}")
     return decision
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()
