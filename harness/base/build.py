@@ -122,7 +122,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))  # short warmup
     g = torch.Generator().manual_seed(seed)
-    ema = None
+    smoothed = None
     for step in (bar := tqdm(range(steps), desc="vae", leave=False)):
         x = images[torch.randint(len(images), (batch_size,), generator=g)].to(device)
         post = vae.encode(x).latent_dist
@@ -135,12 +135,12 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema = mse.item() if ema is None else 0.95 * ema + 0.05 * mse.item()
-        bar.set_postfix(mse=f"{ema:.4f}")
+        smoothed = mse.item() if smoothed is None else 0.95 * smoothed + 0.05 * mse.item()
+        bar.set_postfix(mse=f"{smoothed:.4f}")
         if log_fn and (step % log_every == 0 or step == steps - 1):
             log_fn({"vae_loss": loss.item(), "vae_mse": mse.item(), "vae_kl": kl.item()}, step)
     vae.eval().requires_grad_(False)
-    return float("nan") if ema is None else ema
+    return float("nan") if smoothed is None else smoothed
 
 
 @torch.no_grad()
@@ -191,7 +191,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
     mean, std = latents
     g = torch.Generator().manual_seed(seed)
     T = scheduler.config.num_train_timesteps
-    ema = None
+    smoothed = None
     for step in (bar := tqdm(range(steps), desc="unet", leave=False)):
         idx = torch.randint(len(mean), (batch_size,), generator=g)
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling_factor
@@ -217,14 +217,14 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
         torch.nn.utils.clip_grad_norm_(list(text_encoder.parameters()), 1.0)
         opt.step()
         sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
+        smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smoothed:.4f}")
         if log_fn and (step % log_every == 0 or step == steps - 1):
             log_fn({"unet_loss": loss.item(), "text_identity_loss": identity.item(),
                     "unet_lr": sched.get_last_lr()[0]}, step)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return float("nan") if ema is None else ema
+    return float("nan") if smoothed is None else smoothed
 
 
 @torch.no_grad()
