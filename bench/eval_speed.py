@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from harness.evaluate import bootstrap_auc, paired_difference
-from harness.cli import int_arg
+from harness.config import int_arg
 from harness.pathologies import FINDINGS
 
 

@@ -63,7 +63,7 @@ from harness import tracking
 from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
                                 log_classifier, predict, save_classifier, train_classifier)
 from harness.metrics import snake
-from harness.cli import int_arg
+from harness.config import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table
 from harness.data.datasets import SPLITS, image_tensor
 from harness.data.phantom import phantom_params

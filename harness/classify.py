@@ -40,11 +40,11 @@ and this entry point does not load any).
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -58,7 +58,7 @@ from sklearn.metrics import roc_curve
 
 from harness import tracking
 from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
-from harness.cli import int_arg
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.compare import PREDICTIONS, load_baseline
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table, summarize
 from harness.data.datasets import META_COLUMNS
@@ -69,55 +69,60 @@ from harness.metrics import check_metric_names, macro_auc, nan_mean, per_label_a
 PREDICTION_META = ["path", "patient", "study", "view"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", default="phantom", help="training data: FORMAT:PATH or 'phantom' (its train split)")
-    p.add_argument("--mix", default="", help="real data set mixed into the training set (its train split)")
-    p.add_argument("--mix_ratio", type=float, default=0.5, help="fraction of the training set drawn from --mix")
-    p.add_argument("--valid", default="", help="data set whose valid split selects the model (default: --train)")
-    p.add_argument("--test", default="phantom", help="real data set whose test split is scored once")
-    p.add_argument("--test_split", default="test", choices=["test", "valid"],
-                   help="split of --test that is scored: 'valid' for tuning (harness.tune), so that the "
-                        "test split stays unseen until the chosen configuration is scored once. A chexpert "
-                        "folder without test.csv (CheXpert-v1.0-small) scores valid.csv as 'test' and has a "
-                        "seeded patient-wise hold-out of train.csv as 'valid' (harness.data.datasets)")
-    p.add_argument("--labels", default="", help="comma-separated labels (default: the data sets' own)")
-    p.add_argument("--model", default="small_cnn", choices=CLASSIFIERS)
-    p.add_argument("--resolution", type=int_arg, default=64)
-    p.add_argument("--epochs", type=int_arg, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch_size", type=int_arg, default=32)
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"])
-    p.add_argument("--uncertain", default="ignore", choices=["ignore", "zeros", "ones"])
-    p.add_argument("--max_train_images", type=int_arg, default=0, help="0 = all")
-    p.add_argument("--n_resamples", type=int_arg, default=1000, help="bootstrap resamples for the CIs")
-    p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--baseline_run", default="", help="classify run id to compare with (paired, same test images)")
-    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
-    p.add_argument("--num_workers", type=int_arg, default=0)
-    p.add_argument("--threads", type=int_arg, default=0,
-                   help="torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.resolution < 16 or args.n_resamples < 1:
-        p.error("epochs, batch_size and n_resamples must be positive and resolution at least 16")
-    if not 0.0 <= args.mix_ratio <= 1.0:
-        p.error(f"--mix_ratio {args.mix_ratio} is not in [0, 1]")
-    if not 0.0 < args.confidence < 1.0:
-        p.error(f"--confidence {args.confidence} is not in (0, 1)")
-    for flag in ("train", "mix", "valid", "test"):  # an unknown format fails here, before any training
-        if getattr(args, flag):
+@dataclass
+class ClassifyConfig(StepConfig):
+    train: str = param("phantom", "training data: FORMAT:PATH or 'phantom' (its train split)", project=True)
+    mix: str = param("", "real data set mixed into the training set (its train split)", project=True)
+    mix_ratio: float = param(0.5, "fraction of the training set drawn from --mix", project=True)
+    valid: str = param("", "data set whose valid split selects the model (default: --train)", project=True)
+    test: str = param("phantom", "real data set whose test split is scored once", project=True)
+    test_split: str = param("test", "split of --test that is scored: 'valid' for tuning (harness.tune), so that "
+                            "the test split stays unseen until the chosen configuration is scored once. A "
+                            "chexpert folder without test.csv (CheXpert-v1.0-small) scores valid.csv as 'test' "
+                            "and has a seeded patient-wise hold-out of train.csv as 'valid' "
+                            "(harness.data.datasets)", choices=["test", "valid"])
+    labels: str = param("", "comma-separated labels (default: the data sets' own)")
+    model: str = param("small_cnn", "classifier architecture", choices=CLASSIFIERS, project=True)
+    resolution: int = param(64, project=True)
+    epochs: int = param(8, project=True)
+    lr: float = param(1e-3, project=True)
+    batch_size: int = param(32, project=True)
+    seed: int = param(0, project=True)
+    views: str = param("frontal", choices=["frontal", "lateral", "all"], project=True)
+    uncertain: str = param("ignore", choices=["ignore", "zeros", "ones"], project=True)
+    max_train_images: int = param(0, "0 = all")
+    n_resamples: int = param(1000, "bootstrap resamples for the CIs")
+    confidence: float = param(0.95)
+    baseline_run: str = param("", "classify run id to compare with (paired, same test images)", project=True)
+    device: str = param("auto", "auto = cuda when available, else cpu", key=False)
+    num_workers: int = param(0, key=False)
+    threads: int = param(0, "torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)",
+                         key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+    def check(self) -> None:
+        self.at_least(1, "epochs", "batch_size", "n_resamples")
+        self.at_least(16, "resolution")
+        self.not_negative("max_train_images", "num_workers", "threads")
+        self.positive("lr")
+        self.within("mix_ratio", 0.0, 1.0)
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"--confidence {self.confidence}: must be in (0, 1)")
+        for flag in ("train", "mix", "valid", "test"):  # an unknown format fails here, before any training
+            if getattr(self, flag):
+                try:
+                    DataSpec.parse(getattr(self, flag))
+                except ValueError as err:
+                    raise ConfigError(f"--{flag}: {err}") from None
+        if self.labels:
             try:
-                DataSpec.parse(getattr(args, flag))
+                check_metric_names(self.labels.split(","))
             except ValueError as err:
-                p.error(f"--{flag}: {err}")
-    if args.labels:
-        try:
-            check_metric_names(args.labels.split(","))
-        except ValueError as err:
-            p.error(f"--labels: {err}")
-    return args
+                raise ConfigError(f"--labels: {err}") from None
+
+
+def parse_args(argv=None) -> ClassifyConfig:
+    return parse(ClassifyConfig, argv, prog="python -m harness.classify")
 
 
 def run_identity(args) -> tuple[str, dict]:
@@ -134,14 +139,18 @@ def run_identity(args) -> tuple[str, dict]:
     return f"classify · {what}", {**tags, "harness.judged": what}
 
 
+def run(config: ClassifyConfig) -> tracking.StepResult:
+    """Train, select, test once, log; the result holds the run's metrics and ``predictions``."""
+    name, tags = run_identity(config)
+    with tracking.tracked_run(name, config.experiment, tags={"harness.entry_point": "classify", **tags}) as active:
+        tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
+        classify(config, active.info.run_id)
+    return tracking.StepResult.of(active.info.run_id, predictions=PREDICTIONS)
+
+
 def main(argv=None) -> str:
-    """Train, select, test once, log; returns the MLflow run id."""
-    args = parse_args(argv)
-    name, tags = run_identity(args)
-    with tracking.tracked_run(name, args.experiment, tags={"harness.entry_point": "classify", **tags}) as run:
-        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
-        classify(args, run.info.run_id)
-        return run.info.run_id
+    """The command line's entry: returns the MLflow run id."""
+    return run(parse_args(argv)).run_id
 
 
 # ------------------------------------------------------------------------------------------ data

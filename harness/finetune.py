@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import tracking
-from harness.cli import int_arg
+from harness.config import int_arg
 from harness.data import CachedImages, DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
 ARMS = {

@@ -54,7 +54,7 @@ from harness.data.layout import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
 from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE, make_prompt
 from harness.grids import labelled_grid
-from harness.cli import int_arg
+from harness.config import int_arg
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 from registry.pyfunc import DEFAULT_GUIDANCE, DEFAULT_STEPS
 

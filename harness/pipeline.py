@@ -56,7 +56,7 @@ from harness import checks, classify, finetune, generate, tracking
 from harness.compare import difference_table
 from harness.metrics import check_metric_names, snake
 from harness.classifier import CLASSIFIERS
-from harness.cli import bool_arg, int_arg
+from harness.config import bool_arg, int_arg
 from harness.data import DataSpec, load_table
 from harness.pathologies import FINDINGS
 from registry.promote import promote

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness import tracking  # noqa: E402
-from harness.cli import bool_arg  # noqa: E402
+from harness.config import bool_arg  # noqa: E402
 from harness.compare import difference_table  # noqa: E402
 from harness.metrics import snake  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402

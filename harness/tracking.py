@@ -18,6 +18,7 @@ import re
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import mlflow
@@ -242,3 +243,18 @@ def redact_url(text: str) -> str:
     (params, tags, error messages) of a URL such as ``postgresql://user:password@host/db``."""
     text = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
     return _QUERY_SECRET.sub(r"\g<head>***", text)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step hands the next one: its run, the URIs of what it logged, its final metrics."""
+    run_id: str
+    artifacts: dict[str, str] = field(default_factory=dict)  # output name -> MLflow artifact URI
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run_id: str, **artifacts: str) -> "StepResult":
+        """The result of a finished run, with the named artifact paths as ``runs:/`` URIs."""
+        run = MlflowClient().get_run(run_id)
+        return cls(run_id, {name: f"runs:/{run_id}/{path}" for name, path in artifacts.items()},
+                   dict(run.data.metrics))

@@ -58,7 +58,7 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflo
 
 from harness import checks, classify, finetune, generate, tracking
 from harness.classifier import classifier_from_run
-from harness.cli import bool_arg, int_arg
+from harness.config import bool_arg, int_arg
 from harness.data import DataSpec, load_table
 from harness.metrics import nan_mean
 

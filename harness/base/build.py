@@ -366,7 +366,7 @@ def local_build(out: Path, key: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from harness.cli import bool_arg, int_arg
+    from harness.config import bool_arg, int_arg
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="diffusers directory to write (default: outputs/base-<key>)")
