@@ -101,7 +101,7 @@ class StepConfig:
 
     def positive(self, *names: str) -> None:
         if bad := [n for n in names if not (math.isfinite(getattr(self, n)) and getattr(self, n) > 0)]:
-            raise ConfigError(", ".join(f"--{n} {getattr(self, n)}" for n in bad) + ": must be a positive number")
+            raise ConfigError(", ".join(f"--{n} {getattr(self, n)}" for n in bad) + ": must be positive")
 
     def within(self, name: str, low: float, high: float, *, high_open: bool = False) -> None:
         value = getattr(self, name)

@@ -16,8 +16,8 @@ checkpoint (a pyfunc model) plus an image grid of the disease prompts every N st
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import tracking
-from harness.config import int_arg
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.data import CachedImages, DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
 ARMS = {
@@ -41,9 +42,7 @@ ARMS = {
     "text_encoder": ("text_encoder",),
     "unet_text_encoder": ("unet", "text_encoder"),
 }
-# Arguments that do not change what is learned: left out of the run's identity (resume key).
-NOT_IN_KEY = {"output_dir", "resume", "checkpoint_every", "grid_steps", "grid_seeds", "num_workers",
-              "log_every", "experiment", "keep_checkpoints"}
+CHECKPOINT_TAG = "harness.checkpoint."  # + the step, 6 digits: the checkpoint's model URI
 
 log = logging.getLogger(__name__)
 
@@ -56,104 +55,109 @@ class OutputDirBusyError(RuntimeError):
     """Another live process fine-tunes in the same output folder."""
 
 
-def parse_args(argv=None, arm: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", choices=sorted(ARMS), default=arm, required=arm is None)
-    p.add_argument("--data", default="phantom", help="FORMAT:PATH (chexpert:, mimic:, folder:) or 'phantom'")
-    p.add_argument("--pretrained_model", default="base",
-                   help="'base' (the embedded base), models:/..., a diffusers directory, or a Hub id")
+@dataclass
+class FinetuneConfig(StepConfig):
+    arm: str = param(dataclasses.MISSING, "which modules train", choices=sorted(ARMS), project=True)
+    data: str = param("phantom", "FORMAT:PATH (chexpert:, mimic:, folder:) or 'phantom'", project=True)
+    pretrained_model: str = param("base", "'base' (the embedded base), models:/..., a diffusers directory, or a "
+                                  "Hub id", project=True)
     # CPU-sized defaults: a few minutes on 2 cores with the embedded base; scale up on a GPU.
-    p.add_argument("--steps", type=int_arg, default=1200)
+    steps: int = param(1200, project=True)
     # The embedded base is small and knows chests only roughly: it needs a high rate to learn them in a
     # few hundred steps. SD-sized models want ~5e-6.
-    p.add_argument("--learning_rate", type=float, default=2e-3)
+    learning_rate: float = param(2e-3, "for the embedded base; a real SD wants ~5e-6", project=True)
     # Cosine decay to 0: a short run ends on small steps that the weight average settles on, where a
     # constant rate leaves the small base's samples blurred (README: quality table).
-    p.add_argument("--lr_scheduler", default="cosine", help="diffusers' get_scheduler name")
-    p.add_argument("--lr_warmup_steps", type=int_arg, default=20)
-    p.add_argument("--batch_size", type=int_arg, default=8)
-    p.add_argument("--gradient_accumulation_steps", type=int_arg, default=1)
-    p.add_argument("--resolution", type=int_arg, default=0, help="0 = the pretrained model's native size")
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = bf16 on a GPU that has it, else full precision")
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    lr_scheduler: str = param("cosine", "diffusers' get_scheduler name")
+    lr_warmup_steps: int = param(20)
+    batch_size: int = param(8, project=True)
+    gradient_accumulation_steps: int = param(1, project=True)
+    resolution: int = param(0, "0 = the pretrained model's native size", project=True)
+    seed: int = param(0, project=True)
+    mixed_precision: str = param("auto", "auto = bf16 on a GPU that has it, else full precision",
+                                 choices=["auto", "no", "fp16", "bf16"], project=True)
+    max_grad_norm: float = param(1.0)
     # With no empty prompts in fine-tuning, classifier-free guidance at generation contrasts the
     # prompt with an unconditional branch the fine-tuned UNet never learned; 10% empty prompts (as SD
     # was trained) keep it, and guidance is what makes the findings show.
-    p.add_argument("--caption_dropout", type=float, default=0.1, help="share of prompts replaced by the empty prompt")
+    caption_dropout: float = param(0.1, "share of prompts replaced by the empty prompt")
     # Min-SNR-gamma loss weighting (Hang et al. 2023): down-weights the nearly-clean timesteps,
     # which teach little about layout and findings; 0 = plain epsilon MSE.
-    p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0 = off)")
+    snr_gamma: float = param(5.0, "min-SNR loss weighting gamma (0 = off)")
     # EMA weights draw better than the last raw ones (README: measured on the embedded default).
-    p.add_argument("--ema_decay", type=float, default=0.999,
-                   help="checkpoints hold an exponential moving average of the weights, with this top "
-                        "decay (warmed up as 1 - (1 + step)^-2/3); 0 = off, the raw weights")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="trade compute for memory (large UNets)")
-    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"])
-    p.add_argument("--uncertain", default="ignore", choices=["ignore", "zeros", "ones"])
-    p.add_argument("--template", default=None, help="prompt template with {view} and {findings}")
-    p.add_argument("--labels", default=None, help="comma-separated label names (default: the data set's)")
-    p.add_argument("--skip_bad", action="store_true", help="skip unreadable images instead of failing")
-    p.add_argument("--max_train_images", type=int_arg, default=0, help="0 = all")
-    p.add_argument("--prior_preservation", action="store_true", help="DreamBooth prior-preservation loss")
-    p.add_argument("--class_prompt", default="a photo")
-    p.add_argument("--num_class_images", type=int_arg, default=32)
-    p.add_argument("--prior_loss_weight", type=float, default=1.0)
-    p.add_argument("--checkpoint_every", type=int_arg, default=100)
-    p.add_argument("--keep_checkpoints", type=int_arg, default=2, help="local resumable states kept on disk")
-    p.add_argument("--grid_steps", type=int_arg, default=20, help="inference steps for checkpoint grids")
-    p.add_argument("--grid_seeds", type=int_arg, default=2, help="images per prompt in checkpoint grids")
-    p.add_argument("--log_every", type=int_arg, default=25, help="flush per-step metrics to MLflow every N steps")
-    p.add_argument("--num_workers", type=int_arg, default=0)
-    p.add_argument("--output_dir", default=None, help="default: outputs/<arm>-<parameter hash>")
-    p.add_argument("--resume", default="auto", choices=["auto", "never"])
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    # Everything that can be checked before a model loads is checked here, so a typo fails at once.
-    positive = ("steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
-                "grid_steps", "grid_seeds", "log_every")
-    if bad := [name for name in positive if getattr(args, name) < 1]:
-        p.error(", ".join(f"--{name} {getattr(args, name)}" for name in bad) + ": must be at least 1")
-    not_negative = ("lr_warmup_steps", "resolution", "max_train_images", "num_workers", "max_grad_norm",
-                    "prior_loss_weight")
-    if bad := [name for name in not_negative if not getattr(args, name) >= 0]:
-        p.error(", ".join(f"--{name} {getattr(args, name)}" for name in bad) + ": must not be negative")
-    if not 0.0 < args.learning_rate < float("inf"):
-        p.error(f"--learning_rate {args.learning_rate}: must be positive")
-    if args.prior_preservation and args.num_class_images < 1:
-        p.error(f"--num_class_images {args.num_class_images}: --prior_preservation needs at least 1")
-    try:
-        DataSpec.parse(args.data)
-    except ValueError as err:
-        p.error(f"--data: {err}")
-    if not 0.0 <= args.caption_dropout < 1.0 or args.snr_gamma < 0:
-        p.error("caption_dropout must be in [0, 1) and snr_gamma not negative")
-    if not 0.0 <= args.ema_decay < 1.0:
-        p.error(f"ema_decay={args.ema_decay} must be in [0, 1)")
-    return args
+    ema_decay: float = param(0.999, "checkpoints hold an exponential moving average of the weights, with this "
+                             "top decay (warmed up as 1 - (1 + step)^-2/3); 0 = off, the raw weights", project=True)
+    gradient_checkpointing: bool = param(False, "trade compute for memory (large UNets)")
+    views: str = param("frontal", choices=["frontal", "lateral", "all"], project=True)
+    uncertain: str = param("ignore", choices=["ignore", "zeros", "ones"], project=True)
+    template: str | None = param(None, "prompt template with {view} and {findings}")
+    labels: str | None = param(None, "comma-separated label names (default: the data set's)")
+    skip_bad: bool = param(False, "skip unreadable images instead of failing")
+    max_train_images: int = param(0, "0 = all")
+    prior_preservation: bool = param(False, "DreamBooth prior-preservation loss")
+    class_prompt: str = param("a photo")
+    num_class_images: int = param(32)
+    prior_loss_weight: float = param(1.0)
+    checkpoint_every: int = param(100, project=True, key=False)
+    keep_checkpoints: int = param(2, "local resumable states kept on disk", key=False)
+    grid_steps: int = param(20, "inference steps for checkpoint grids", key=False)
+    grid_seeds: int = param(2, "images per prompt in checkpoint grids", key=False)
+    log_every: int = param(25, "flush per-step metrics to MLflow every N steps", key=False)
+    num_workers: int = param(0, key=False)
+    output_dir: str | None = param(None, "default: outputs/<arm>-<parameter hash>", key=False)
+    resume: str = param("auto", choices=["auto", "never"], key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+    def check(self) -> None:
+        # Everything that can be checked before a model loads is checked here, so a typo fails at once.
+        self.at_least(1, "steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                      "keep_checkpoints", "grid_steps", "grid_seeds", "log_every")
+        self.not_negative("lr_warmup_steps", "resolution", "max_train_images", "num_workers", "max_grad_norm",
+                          "prior_loss_weight", "snr_gamma")
+        self.positive("learning_rate")
+        if self.prior_preservation and self.num_class_images < 1:
+            raise ConfigError(f"--num_class_images {self.num_class_images}: --prior_preservation needs at least 1")
+        try:
+            DataSpec.parse(self.data)
+        except ValueError as err:
+            raise ConfigError(f"--data: {err}") from None
+        self.within("caption_dropout", 0.0, 1.0, high_open=True)
+        self.within("ema_decay", 0.0, 1.0, high_open=True)
 
 
-def run_key(args: argparse.Namespace) -> str:
-    return tracking.params_key({k: v for k, v in vars(args).items() if k not in NOT_IN_KEY})
+def parse_args(argv=None, arm: str | None = None) -> FinetuneConfig:
+    fixed = {"arm": arm} if arm else {}
+    return parse(FinetuneConfig, argv, prog="python -m harness.finetune", **fixed)
 
 
-def main(argv=None, arm: str | None = None, on_checkpoint=None) -> str:
-    """Run one fine-tuning job; returns the MLflow run id.
+def run_key(config: FinetuneConfig) -> str:
+    return tracking.params_key(config.key_params())
+
+
+def run(config: FinetuneConfig, on_checkpoint=None) -> tracking.StepResult:
+    """Run one fine-tuning job; the result's artifacts name each checkpoint's model URI
+    (``checkpoint_<step>``).
 
     ``on_checkpoint(step, run_id) -> bool``, called after each checkpoint is logged, may end
     training early by returning True: the run then FINISHES at that step, tagged
     ``harness.stopped_early``. Hyperparameter tuning (``harness.tune``) judges checkpoints and
     prunes through it."""
-    args = parse_args(argv, arm)
-    key = run_key(args)
-    out = Path(args.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{args.arm}-{key}")
-    with _locked(out) as lock, tracking.tracked_run(f"{args.arm}", args.experiment,
-                                                    tags={"harness.arm": args.arm, "harness.run_key": key}) as run:
-        lock.holder(run.info.run_id)
-        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
-        train(args, key, out, run.info.run_id, on_checkpoint)
-        return run.info.run_id
+    key = run_key(config)
+    out = Path(config.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{config.arm}-{key}")
+    with _locked(out) as lock, tracking.tracked_run(f"{config.arm}", config.experiment,
+                                                    tags={"harness.arm": config.arm, "harness.run_key": key}) as active:
+        lock.holder(active.info.run_id)
+        tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
+        train(config, key, out, active.info.run_id, on_checkpoint)
+    result = tracking.StepResult.of(active.info.run_id)
+    tags = mlflow.tracking.MlflowClient().get_run(result.run_id).data.tags
+    checkpoints = {f"checkpoint_{int(k[len(CHECKPOINT_TAG):])}": v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
+    return dataclasses.replace(result, artifacts=checkpoints)
+
+
+def main(argv=None, arm: str | None = None, on_checkpoint=None) -> str:
+    """The command line's entry (``arm`` fixes --arm, as the arm entry points do): returns the run id."""
+    return run(parse_args(argv, arm), on_checkpoint).run_id
 
 
 class _Lock:
@@ -391,7 +395,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
             metrics.flush()
             path = _save_checkpoint(args, out, step, accelerator, pipe, emas)
             info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
-            mlflow.set_tag(f"harness.checkpoint.{step:06d}", info.model_uri)
+            mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
             mlflow.set_tag(tracking.TAG_STEP, str(step))
             with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
                 grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
@@ -599,7 +603,7 @@ def _adopt_checkpoints(previous: str, out: Path, step: int, resolution: int) -> 
     checkpoint on disk that the earlier run died before logging, logged now from disk."""
     from registry.pyfunc import log_pipeline
 
-    prefix = "harness.checkpoint."
+    prefix = CHECKPOINT_TAG
     tags = mlflow.tracking.MlflowClient().get_run(previous).data.tags
     logged = {int(k[len(prefix):]): v for k, v in tags.items() if k.startswith(prefix)}
     mlflow.set_tags({f"{prefix}{s:06d}": uri for s, uri in logged.items() if s <= step})
