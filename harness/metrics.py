@@ -66,3 +66,51 @@ def check_metric_names(labels: list[str]) -> list[str]:
         raise ValueError(f"labels {labels} do not give distinct metric names ({names}); metric names keep "
                          "the letters a-z and digits of a label: rename the label columns")
     return names
+
+
+# ---------------------------------------------------------------- metric names -> table columns
+# The one mapping from logged metric names to the columns of the write-up's tables, used by the
+# pipeline's printed table, the registry's tags and the report.
+
+SUMMARY_COLUMNS = {"macro AUC": "auc_macro", "accuracy": "acc_macro", "balanced accuracy": "bal_acc_macro"}
+# The checks (harness.checks), each with whether lower is better.
+CHECK_COLUMNS = {"frontal fraction": ("view_frontal_fraction", False),
+                 "memorized fraction": ("memorization_fraction", True),
+                 "Frechet distance": ("frechet_distance", True),
+                 "prompt adherence": ("adherence_mean", False),
+                 "adherence ceiling": ("adherence_ceiling_mean", False)}
+
+
+def auc_metric(label: str, suffix: str = "") -> str:
+    """'Pleural Effusion' -> 'auc_pleural_effusion' (suffix '_ci_low' / '_ci_high' for its CI)."""
+    return f"auc_{snake(label)}{suffix}"
+
+
+def labels_of(metrics, candidates: list[str] | None = None) -> list[str]:
+    """The labels a run's ``auc_<l>`` metrics name, in ``candidates``' order (their spelling), else
+    as the snake-case names themselves."""
+    names = {k[4:] for k in metrics if k.startswith("auc_") and not k.endswith(("_ci_low", "_ci_high"))
+             and k != "auc_macro" and not k.startswith("auc_diff_")}
+    known = [l for l in candidates or [] if snake(l) in names]
+    return known + sorted(names - {snake(l) for l in known})
+
+
+def classify_row(get, labels: list[str], cis: bool = False) -> dict[str, float]:
+    """The write-up's columns from a classify run's metrics (``get(name) -> value or None``):
+    per-label AUC (with its CI columns when ``cis``), macro AUC, accuracy, balanced accuracy
+    (accuracy at 0.5 mostly reflects the labels' prevalence)."""
+    row = {}
+    for label in labels:
+        for suffix in ("", "_ci_low", "_ci_high") if cis else ("",):
+            row[f"{label}{suffix}"] = _number(get(auc_metric(label, suffix)))
+    row.update({column: _number(get(metric)) for column, metric in SUMMARY_COLUMNS.items()})
+    return row
+
+
+def checks_row(get) -> dict[str, float]:
+    """The checks' columns from a checks run's metrics (``get(name) -> value or None``)."""
+    return {column: _number(get(metric)) for column, (metric, _) in CHECK_COLUMNS.items()}
+
+
+def _number(x) -> float:
+    return float("nan") if x is None else float(x)

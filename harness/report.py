@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import json
 import math
 import shutil
 import tempfile
@@ -45,20 +46,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from harness import tracking  # noqa: E402
 from harness.config import bool_arg  # noqa: E402
 from harness.compare import difference_table  # noqa: E402
-from harness.metrics import snake  # noqa: E402
+from harness.metrics import CHECK_COLUMNS, SUMMARY_COLUMNS, checks_row, classify_row  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402
 from registry.promote import ALIAS, history  # noqa: E402
-from registry.register import CHECKS_METRICS, MODEL_PREFIX, value  # noqa: E402
+from registry.register import MODEL_PREFIX, value  # noqa: E402
 
 REAL = "real images"
 DIFFERENCES_TITLE = "Macro AUC differences between arms (paired on the same test images, 95% bootstrap CI)"
 ARM_ORDER = ("dreambooth", "text_encoder", "unet_text_encoder")
-# Columns of the second table, with whether lower is better (for the bold marks).
-CHECK_COLUMNS = {"frontal fraction": ("view_frontal_fraction", False),
-                 "memorized fraction": ("memorization_fraction", True),
-                 "Frechet distance": ("frechet_distance", True),
-                 "prompt adherence": ("adherence_mean", False),
-                 "adherence ceiling": ("adherence_ceiling_mean", False)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,8 +102,12 @@ def collect(client: MlflowClient, name: str) -> dict:
             baselines.setdefault(run.data.params["baseline_run"], 0)
             baselines[run.data.params["baseline_run"]] += 1
     baseline = _run(client, max(baselines, key=baselines.get)) if baselines else None
-    return {"name": name, "versions": versions, "labels": labels, "baseline": baseline, "champion": champion,
-            "history": history(name, client=client)}
+    runs = [baseline] + [_run(client, v.tags.get("classify_run_id")) for v in versions]
+    # the data's labels, as classify logged them (any data set: not only the five findings)
+    findings = next((json.loads(r.data.params["label_names"]) for r in runs
+                     if r is not None and "label_names" in r.data.params), FINDINGS)
+    return {"name": name, "versions": versions, "labels": labels, "baseline": baseline, "findings": findings,
+            "champion": champion, "history": history(name, client=client)}
 
 
 def _run(client: MlflowClient, run_id: str | None):
@@ -129,23 +128,17 @@ def auc_table(study: dict) -> pd.DataFrame:
     balanced accuracy."""
     rows = {}
     if study["baseline"] is not None:
-        rows[REAL] = _figures(lambda k: study["baseline"].data.metrics.get(k))
+        rows[REAL] = classify_row(study["baseline"].data.metrics.get, study["findings"], cis=True)
     for v in study["versions"]:
-        rows[study["labels"][str(v.version)]] = _figures(lambda k, v=v: value(v, k))
+        rows[study["labels"][str(v.version)]] = classify_row(lambda k, v=v: value(v, k), study["findings"], cis=True)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
 
 
-def _figures(get) -> dict:
-    out = {}
-    for label in FINDINGS:
-        for suffix in ("", "_ci_low", "_ci_high"):
-            out[f"{label}{suffix}"] = _num(get(f"auc_{snake(label)}{suffix}"))
-    out["macro AUC"] = _num(get("auc_macro"))
-    out["accuracy"] = _num(get("acc_macro"))
-    out["balanced accuracy"] = _num(get("bal_acc_macro"))
-    return out
+def table_labels(table: pd.DataFrame) -> list[str]:
+    """The labels of an ``auc_table``: the columns that have CI columns."""
+    return [c[: -len("_ci_low")] for c in table.columns if c.endswith("_ci_low")]
 
 
 def _num(x) -> float:
@@ -170,7 +163,7 @@ def arm_differences(study: dict) -> pd.DataFrame:
 def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
     rows = {}
     for v in study["versions"]:
-        row = {column: _num(value(v, metric)) for column, (metric, _) in CHECK_COLUMNS.items()}
+        row = checks_row(lambda k, v=v: value(v, k))
         run = _run(client, v.tags.get("finetune_run_id"))
         if run is not None and run.info.end_time:
             row["training time (s)"] = (run.info.end_time - run.info.start_time) / 1000
@@ -257,12 +250,13 @@ def _bold_best(values: pd.Series, lower_is_better: bool = False) -> pd.Series:
 def display_auc(table: pd.DataFrame, bold) -> pd.DataFrame:
     """'0.812 [0.751, 0.866]' cells; ``bold(text)`` marks the best per column."""
     out = pd.DataFrame(index=table.index)
-    for column in FINDINGS + ["macro AUC", "accuracy", "balanced accuracy"]:
+    findings = table_labels(table)
+    for column in findings + list(SUMMARY_COLUMNS):
         best = _bold_best(table[column])
         cells = []
         for row in table.index:
             text = _fmt(table.at[row, column])
-            if column in FINDINGS and not math.isnan(table.at[row, f"{column}_ci_low"]):
+            if column in findings and not math.isnan(table.at[row, f"{column}_ci_low"]):
                 text += f" [{_fmt(table.at[row, f'{column}_ci_low'])}, {_fmt(table.at[row, f'{column}_ci_high'])}]"
             cells.append(bold(text) if best[row] else text)
         out[column] = cells
@@ -287,13 +281,14 @@ def _fmt(x, spec: str = ".3f") -> str:
 # ------------------------------------------------------------------------------------- plots
 def plot_auc_bars(table: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    columns = FINDINGS + ["macro AUC"]
+    findings = table_labels(table)
+    columns = findings + ["macro AUC"]
     width = 0.8 / max(len(table), 1)
     for i, (row, r) in enumerate(table.iterrows()):
         xs = [j + (i - (len(table) - 1) / 2) * width for j in range(len(columns))]
         ys = [r[c] for c in columns]
-        low = [r[c] - r[f"{c}_ci_low"] if c in FINDINGS else 0 for c in columns]
-        high = [r[f"{c}_ci_high"] - r[c] if c in FINDINGS else 0 for c in columns]
+        low = [r[c] - r[f"{c}_ci_low"] if c in findings else 0 for c in columns]
+        high = [r[f"{c}_ci_high"] - r[c] if c in findings else 0 for c in columns]
         ax.bar(xs, ys, width, label=row, yerr=[_nan0(low), _nan0(high)], capsize=2)
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(columns)), columns, rotation=15)
