@@ -10,6 +10,9 @@ Every entry point names its data the same way::
     imagefolder:/data/set                Hugging Face imagefolder (metadata.csv with ``file_name``)
                                          or torchvision ImageFolder (one folder per class)
     phantom | phantom:DIR                the embedded phantom set (CheXpert layout)
+    chexpert:runs:/<run id>/synthetic    PATH as an MLflow artifact URI (runs:/, mlflow-artifacts:/),
+                                         e.g. a generate run's data set: the entry points download it
+                                         once into a local cache (harness.artifacts) and load that
 
 Splits a data set does not ship are seeded, patient-wise hold-outs (``HOLDOUT_FRACTION`` of the
 patients each, chosen by a hash of ``HOLDOUT_SEED`` and the patient id; the spec's ``holdout`` and
@@ -97,6 +100,9 @@ HOLDOUT_SEED = 0
 # harness.generate writes this beside the CheXpert-layout folder it makes: such a folder's
 # valid.csv is its model-selection split, written on purpose, not an official test set.
 GENERATED_MARKER = "generate.json"
+# A spec's PATH may be an MLflow artifact URI: the entry points download it into a local cache
+# (harness.artifacts.local_spec) and hand this module the local folder; this module never talks to MLflow.
+ARTIFACT_URI_SCHEMES = ("runs:/", "mlflow-artifacts:")
 # The options each format takes after ``?`` in its spec (see DataSpec).
 LABEL_CSV_OPTIONS = ("file", "path", "label", "suffix", "find", "patient", "absolute", "holdout", "seed")
 OPTIONS = {
@@ -172,11 +178,14 @@ class DataSpec:
         return _option_value(key, value)
 
     def resolve(self) -> DataSpec:
-        """The spec to load: ``phantom`` becomes ``chexpert`` at the phantom dir (built if needed)."""
-        if self.format != "phantom":
+        """The spec to load: ``phantom`` becomes ``chexpert`` at the phantom dir (built if needed);
+        a ``chexpert`` folder with no split csv of its own but the archive folder inside it
+        (``CheXpert-v1.0-small/``, as the zip unpacks and as ``harness.generate`` logs its data
+        set) is read as that archive folder."""
+        if self.format not in ("phantom", "chexpert"):
             return self
         if self.path is not None:
-            return DataSpec("chexpert", self.path, self.options)
+            return DataSpec("chexpert", chexpert_root(self.path), self.options)
         from harness.data.phantom import ensure_phantom  # lazy: only when loading
 
         return DataSpec("chexpert", Path(ensure_phantom()), self.options)
@@ -186,6 +195,23 @@ class DataSpec:
         if self.options:
             text += "?" + "&".join(f"{k}={quote(v, safe='/')}" for k, v in self.options)
         return text
+
+
+def chexpert_root(path: Path) -> Path:
+    """``path``, or the CheXpert archive folder inside it when ``path`` has no split csv itself."""
+    if any((path / f"{split}.csv").is_file() for split in SPLITS):
+        return path
+    for prefix in CHEXPERT_PREFIXES:
+        inner = path / prefix.rstrip("/")
+        if any((inner / f"{split}.csv").is_file() for split in SPLITS):
+            return inner
+    return path
+
+
+def is_artifact_uri(path) -> bool:
+    """Whether a spec's PATH is an MLflow artifact URI (``runs:/...``, ``mlflow-artifacts:/...``),
+    which the entry points download before loading (``harness.artifacts.local_spec``)."""
+    return str(path).startswith(ARTIFACT_URI_SCHEMES)
 
 
 def _parse_options(fmt: str, query: str, text) -> tuple[tuple[str, str], ...]:
@@ -258,6 +284,9 @@ def load_table(
     _check_choice("split", split, SPLITS)
     _check_choice("views", views, VIEWS)
     _check_choice("uncertain", uncertain, UNCERTAIN)
+    if spec.path is not None and is_artifact_uri(spec.path):
+        raise FileNotFoundError(f"{spec}: {spec.path} is an MLflow artifact URI; download it first "
+                                "(harness.artifacts.local_spec, as every entry point does)")
     resolved = spec.resolve()
     root = resolved.path
     if not root.is_dir():
