@@ -17,6 +17,11 @@ them, so every loader reads them back like real data::
 
     load_table("chexpert:<out>/CheXpert-v1.0-small", split="train")
 
+The folder is also logged as the run's artifact ``synthetic``, so a step on a machine that shares
+only the tracking server reads it by URI (tag ``harness.generated_uri``; ``harness.artifacts``)::
+
+    python -m harness.classify --train chexpert:runs:/<generate run>/synthetic
+
 Each image has its own seed, derived from ``(--seed, prompt index, image index)``: the same seed
 gives the same images, and image i does not depend on ``--batch_size`` or the number of images
 (``prompts.csv`` records every image's prompt, labels and seed). The last ~10% of each prompt's
@@ -49,6 +54,7 @@ from mlflow.exceptions import MlflowException
 from tqdm.auto import tqdm
 
 from harness import tracking
+from harness.artifacts import local_spec, log_folder
 from harness.data import DataSpec, disease_prompts, load_table, summarize
 from harness.data.layout import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
@@ -160,6 +166,22 @@ def _checkpoint(run_id: str, step: int = -1) -> tuple[int, str]:
     return step, steps[step]
 
 
+# Where a generate run's data set is: the local folder it was written to, and the URI of the same
+# folder logged as the run's artifact DATA_ARTIFACT, which any machine that reaches the tracking
+# server can read (harness.artifacts); steps hand each other the URI (generated_spec).
+GENERATED_DATA_TAG = "harness.generated_data"
+GENERATED_URI_TAG = "harness.generated_uri"
+DATA_ARTIFACT = "synthetic"
+
+
+def generated_spec(run_id: str) -> str:
+    """The data spec of a generate run's data set, for the next step: its artifact URI
+    (``chexpert:runs:/<run>/synthetic``), read in place on the host that still has the folder;
+    the local folder for a run logged before data sets were artifacts."""
+    tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+    return tags.get(GENERATED_URI_TAG) or tags[GENERATED_DATA_TAG]
+
+
 # What a generated set (and so a classify or checks run of it) is about, as tags the MLflow UI
 # groups and filters by; the same keys on generate, classify and checks runs.
 SOURCE_TAGS = {"arm": "harness.arm", "step": "harness.step", "source_run": "harness.source_run",
@@ -212,7 +234,7 @@ def generated_source(spec) -> dict | None:
         return None
     if spec.format != "chexpert" or spec.path is None:
         return None
-    meta = spec.path.parent / "generate.json"
+    meta = spec.resolve().path.parent / "generate.json"
     if not meta.is_file():
         return None
     return json.loads(meta.read_text()).get("source")
@@ -302,7 +324,7 @@ def generate(args, run_id: str) -> Path:
 
     # MLflow: where the data set is, what is in it, what it looks like, how fast it came
     spec = f"chexpert:{out / ARCHIVE}"
-    mlflow.set_tag("harness.generated_data", spec)
+    mlflow.set_tag(GENERATED_DATA_TAG, spec)
     for split in ("train", "valid"):
         if any(j["split"] == split for j in jobs):  # (grid-only jobs have no split)
             table = load_table(DataSpec.parse(spec), split=split, views="all", labels=FINDINGS + [NO_FINDING])
@@ -310,12 +332,15 @@ def generate(args, run_id: str) -> Path:
                              context="generated")
             mlflow.log_dict(summarize(table), f"data/summary_{split}.json")
     mlflow.log_artifact(str(out / "prompts.csv"), "data")
+    # The data set itself, images and csvs: later steps on any machine read it by this URI
+    mlflow.set_tag(GENERATED_URI_TAG, f"chexpert:{log_folder(out, DATA_ARTIFACT)}")
     mlflow.log_metrics(rows)
     if grid:
         columns = list(by_finding)
         mlflow.log_image(labelled_grid(grid, columns), "grids/samples.png")
         mlflow.log_dict({"columns": columns, "prompts": by_finding}, "grids/samples.json")
-    print(f"{rows['n_images']} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec}")
+    print(f"{rows['n_images']} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec} "
+          f"(artifact chexpert:runs:/{run_id}/{DATA_ARTIFACT})")
     return out
 
 
@@ -397,8 +422,9 @@ def prompt_data(args) -> str:
 
 
 def data_label_sets(spec: str, view: str = "frontal") -> list[list[str]]:
-    """The positive findings of every ``view`` image in the train split of ``spec``."""
-    table = load_table(DataSpec.parse(spec), split="train", views=view, labels=FINDINGS)  # raises if empty
+    """The positive findings of every ``view`` image in the train split of ``spec`` (a local path
+    or an MLflow artifact URI)."""
+    table = load_table(DataSpec.parse(local_spec(spec)), split="train", views=view, labels=FINDINGS)  # raises if empty
     positive = table[FINDINGS].to_numpy() == 1.0  # as prompts_for_table: NaN (uncertain, unmentioned) is not
     return [[f for f, on in zip(FINDINGS, row) if on] for row in positive]
 
