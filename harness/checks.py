@@ -60,6 +60,7 @@ from sklearn.neighbors import NearestNeighbors
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness import tracking
+from harness.artifacts import resolved
 from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
                                 log_classifier, predict, save_classifier, train_classifier)
 from harness.metrics import snake
@@ -461,15 +462,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> str:
     """Run the three checks on one generated data set; returns the MLflow run id."""
     args = parse_args(argv)
+    local = resolved(args, "generated", "real")  # artifact URIs -> local folders; params keep the URIs
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
-    source = generated_source(args.generated)  # which checkpoint's images: the run's name and tags
+    source = generated_source(local.generated)  # which checkpoint's images: the run's name and tags
     name = f"checks · {judged(source)}" if source is not None else "checks"
     try:
         with tracking.tracked_run(name, args.experiment,
                                   tags={"harness.entry_point": "checks", **source_tags(source)}) as run:
             tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
-            run_checks(args)
+            run_checks(local)
             return run.info.run_id
     finally:
         torch.set_num_threads(threads)

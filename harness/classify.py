@@ -57,6 +57,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_curve
 
 from harness import tracking
+from harness.artifacts import resolved
 from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
 from harness.config import ConfigError, StepConfig, param, parse
 from harness.compare import PREDICTIONS, load_baseline
@@ -141,10 +142,11 @@ def run_identity(args) -> tuple[str, dict]:
 
 def run(config: ClassifyConfig) -> tracking.StepResult:
     """Train, select, test once, log; the result holds the run's metrics and ``predictions``."""
-    name, tags = run_identity(config)
+    local = resolved(config, "train", "mix", "valid", "test")  # artifact URIs -> local folders; params keep the URIs
+    name, tags = run_identity(local)
     with tracking.tracked_run(name, config.experiment, tags={"harness.entry_point": "classify", **tags}) as active:
         tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
-        classify(config, active.info.run_id)
+        classify(local, active.info.run_id)
     return tracking.StepResult.of(active.info.run_id, predictions=PREDICTIONS)
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import tracking
+from harness.artifacts import local_spec
 from harness.config import ConfigError, StepConfig, param, parse
 from harness.data import CachedImages, DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
@@ -219,7 +220,7 @@ def _accelerator(args):
 
 
 def _data(args, tokenizer, resolution: int):
-    spec = DataSpec.parse(args.data)
+    spec = DataSpec.parse(local_spec(args.data))  # an MLflow artifact URI -> its local folder
     labels = args.labels.split(",") if args.labels else None
     table = load_table(spec, split="train", views=args.views, uncertain=args.uncertain, labels=labels,
                        skip_bad=args.skip_bad)
