@@ -57,6 +57,7 @@ from harness.compare import difference_table
 from harness.metrics import check_metric_names, snake
 from harness.classifier import CLASSIFIERS
 from harness.config import bool_arg, int_arg
+from harness.artifacts import local_spec
 from harness.data import DataSpec, load_table
 from harness.pathologies import FINDINGS
 from registry.promote import promote
@@ -142,7 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check_step_arguments(p: argparse.ArgumentParser, args, arms: list[str]) -> None:
     """Each step's command line through that step's own parser, with stand-ins for the run ids and
     folders that only earlier steps make, so a value a step refuses is refused now."""
-    run, generated = "0" * 32, "chexpert:generated/CheXpert-v1.0-small"
+    run, generated = "0" * 32, f"chexpert:runs:/{'0' * 32}/synthetic"
     steps = [("finetune", finetune.parse_args, _finetune_argv(args, arm)) for arm in arms]
     steps += [("classify", classify.parse_args, _classify_argv(args, args.data)),
               ("generate", generate.parse_args, _generate_argv(args, run, args.eval[-1])),
@@ -161,7 +162,7 @@ def _check_step_arguments(p: argparse.ArgumentParser, args, arms: list[str]) -> 
 def check_labels(data: str) -> list[str]:
     """The data's labels, which must give distinct, non-empty metric names (classify needs them,
     after the fine-tunes): checked before any step."""
-    return check_metric_names(load_table(data, "train").attrs["labels"])
+    return check_metric_names(load_table(local_spec(data), "train").attrs["labels"])
 
 
 def code_version() -> str:
@@ -293,7 +294,9 @@ def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], see
 
 
 def _generated(generate_run: str) -> str:
-    return MlflowClient().get_run(generate_run).data.tags["harness.generated_data"]
+    """What the next steps read: the generate run's artifact URI (any worker of the tracking server
+    reads it; the host that made it reads its folder in place), not a local path."""
+    return generate.generated_spec(generate_run)
 
 
 def resolve_jobs(jobs: int) -> int:

@@ -59,6 +59,7 @@ from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflo
 from harness import checks, classify, finetune, generate, tracking
 from harness.classifier import classifier_from_run
 from harness.config import bool_arg, int_arg
+from harness.artifacts import local_spec
 from harness.data import DataSpec, load_table
 from harness.metrics import nan_mean
 
@@ -251,9 +252,9 @@ def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, st
     gen = generate.main(["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
                          "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
                          *threads])
-    synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
+    synthetic = generate.generated_spec(gen)  # a URI: any worker reads it
     if args.objective == "adherence":
-        adherence = nan_mean(checks.prompt_adherence(classifier_from_run(args.adherence_classifier_run), synthetic))
+        adherence = nan_mean(checks.prompt_adherence(classifier_from_run(args.adherence_classifier_run), local_spec(synthetic)))
         if not math.isfinite(adherence):
             raise ValueError(f"prompt adherence of {synthetic} is {adherence}: no finding is both named and not "
                              "named by its prompts; generate more images")
@@ -406,7 +407,7 @@ def check_trial_inputs(args) -> None:
 
     resolve(args.pretrained_model)
     for split in ("train", "valid", "test"):  # fine-tuning, trial scoring, the best trial's one test
-        load_table(args.data, split)
+        load_table(local_spec(args.data), split)
 
 
 def _recording_errors(objective):
@@ -504,7 +505,7 @@ def evaluate_best(study: optuna.Study, best, args) -> str:
         test_run = done["classify_run"]
     else:
         gen = best.user_attrs["generate_runs"][str(best.params["steps"])]
-        synthetic = MlflowClient().get_run(gen).data.tags["harness.generated_data"]
+        synthetic = generate.generated_spec(gen)  # a URI: any worker reads it
         threads = ["--threads", str(args.threads)] if args.threads else []
         test_run = classify.main(["--train", synthetic, "--test", args.data, "--model", args.classifier,
                                   "--epochs", str(args.epochs), "--seed", str(args.seed), *threads])

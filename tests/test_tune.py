@@ -101,7 +101,7 @@ def test_tiny_study_end_to_end_then_resumed(mlflow_store, tune_phantom, tiny_pip
     assert test_run.data.tags["mlflow.parentRunId"] == study_run_id
     assert study_run.data.metrics["test_auc_macro"] == pytest.approx(test_run.data.metrics["auc_macro"])
     best_gen = best.user_attrs["generate_runs"][str(best.params["steps"])]
-    assert test_run.data.params["train"] == client.get_run(best_gen).data.tags["harness.generated_data"]
+    assert test_run.data.params["train"] == client.get_run(best_gen).data.tags["harness.generated_uri"]  # a URI, not a path
     name, version = study_run.data.tags["harness.tune.registered"].removeprefix("models:/").split("/")
     tags = client.get_model_version(name, version).tags
     assert tags["finetune_run_id"] == best.user_attrs["finetune_run"]
