@@ -136,3 +136,23 @@ def test_a_download_is_atomic_and_the_first_one_wins(mlflow_store, tmp_path, mon
     other_host.mkdir()
     assert artifacts.remove_stale_downloads(tmp_path) == [stale]
     assert other_host.exists()
+
+
+def test_finetune_and_data_prompts_read_real_data_by_uri(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    """Any data spec may be a URI: here real data logged as a run's artifact, fine-tuned on and
+    drawn from for data prompts (the fine-tune's --data, inherited by generate)."""
+    from harness import finetune
+
+    with mlflow.start_run() as logged:
+        mlflow.log_artifacts(str(tiny_phantom), "real")
+    uri = f"chexpert:runs:/{logged.info.run_id}/real"
+    tuned = finetune.main(["--arm", "dreambooth", "--data", uri, "--pretrained_model", str(tiny_pipeline_dir),
+                           "--steps", "1", "--batch_size", "4", "--checkpoint_every", "1", "--grid_steps", "1",
+                           "--grid_seeds", "1", "--output_dir", str(tmp_path / "tuned")])
+    run = MlflowClient().get_run(tuned)
+    assert run.info.status == "FINISHED" and run.data.params["data"] == uri
+    gen = MlflowClient().get_run(generate.main(["--run_id", tuned, "--prompts", "data", "--n_per_prompt", "1",
+                                                "--batch_size", "6", "--num_inference_steps", "1", "--threads", "1"]))
+    assert gen.info.status == "FINISHED" and gen.data.params["prompt_data_used"] == uri
+    (entry,) = (tmp_path / ".cache" / "artifacts").iterdir()  # one download, shared by both steps
+    assert json.loads((entry / artifacts.MANIFEST).read_text())["uri"] == f"runs:/{logged.info.run_id}/real"
