@@ -41,7 +41,7 @@ Images are compared as the classifiers see them: ``ImageDataset`` grey tensors i
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -64,7 +64,7 @@ from harness.artifacts import resolved
 from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
                                 log_classifier, predict, save_classifier, train_classifier)
 from harness.metrics import snake
-from harness.config import int_arg
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table
 from harness.data.datasets import SPLITS, image_tensor
 from harness.data.phantom import phantom_params
@@ -429,52 +429,65 @@ def _adherence(args, model: nn.Module) -> dict[str, float]:
 # ------------------------------------------------------------------------------------ entry point
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m harness.checks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--generated", required=True, help="generated data set, e.g. chexpert:<dir>/CheXpert-v1.0-small")
-    p.add_argument("--real", default="phantom", help="the real data set the model was fine-tuned on")
-    p.add_argument("--views", default="frontal", choices=["frontal", "lateral", "all"],
-                   help="views of the real train split that were fine-tuned on (memorization and FID reference)")
-    p.add_argument("--classifier_run", default="",
-                   help="run whose classifier/model.pt (trained on real images) gives the FID features and "
-                        "scores prompt adherence")
-    p.add_argument("--resolution", type=int_arg, default=64)
-    p.add_argument("--view_epochs", type=int_arg, default=4)
-    p.add_argument("--batch_size", type=int_arg, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity that counts as a near-copy")
-    p.add_argument("--n_pairs", type=int_arg, default=8, help="closest pairs shown in the figure")
-    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
-    p.add_argument("--threads", type=int_arg, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    if args.resolution < 16 or min(args.view_epochs, args.batch_size, args.n_pairs) < 1:
-        p.error("resolution must be at least 16 and view_epochs, batch_size, n_pairs positive")
-    for flag in ("generated", "real"):  # an unknown format fails here, before any training
-        try:
-            DataSpec.parse(getattr(args, flag))
-        except ValueError as err:
-            p.error(f"--{flag}: {err}")
-    return args
+@dataclass
+class ChecksConfig(StepConfig):
+    generated: str = param(dataclasses.MISSING, "generated data set, e.g. chexpert:<dir>/CheXpert-v1.0-small or "
+                           "chexpert:runs:/<generate run>/synthetic", project=True)
+    real: str = param("phantom", "the real data set the model was fine-tuned on", project=True)
+    views: str = param("frontal", "views of the real train split that were fine-tuned on (memorization and FID "
+                       "reference)", choices=["frontal", "lateral", "all"], project=True)
+    classifier_run: str = param("", "run whose classifier/model.pt (trained on real images) gives the FID "
+                                "features and scores prompt adherence", project=True)
+    resolution: int = param(64, project=True)
+    view_epochs: int = param(4, project=True)
+    batch_size: int = param(32, project=True)
+    lr: float = param(1e-3)
+    seed: int = param(0, project=True)
+    threshold: float = param(0.95, "cosine similarity that counts as a near-copy", project=True)
+    n_pairs: int = param(8, "closest pairs shown in the figure", key=False)
+    device: str = param("auto", "auto = cuda when available, else cpu", key=False)
+    threads: int = param(0, "torch CPU threads (0 = torch's default)", key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+    def check(self) -> None:
+        self.at_least(16, "resolution")
+        self.at_least(1, "view_epochs", "batch_size", "n_pairs")
+        self.not_negative("threads")
+        for flag in ("generated", "real"):  # an unknown format fails here, before any training
+            try:
+                DataSpec.parse(getattr(self, flag))
+            except ValueError as err:
+                raise ConfigError(f"--{flag}: {err}") from None
 
 
-def main(argv=None) -> str:
-    """Run the three checks on one generated data set; returns the MLflow run id."""
-    args = parse_args(argv)
-    local = resolved(args, "generated", "real")  # artifact URIs -> local folders; params keep the URIs
+def parse_args(argv=None) -> ChecksConfig:
+    return parse(ChecksConfig, argv, prog="python -m harness.checks")
+
+
+def run(config: ChecksConfig) -> tracking.StepResult:
+    """Run the checks on one generated data set; the result holds their metrics."""
+    local = resolved(config, "generated", "real")  # artifact URIs -> local folders; params keep the URIs
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
+    torch.set_num_threads(config.threads or threads)
     source = generated_source(local.generated)  # which checkpoint's images: the run's name and tags
     name = f"checks · {judged(source)}" if source is not None else "checks"
     try:
-        with tracking.tracked_run(name, args.experiment,
-                                  tags={"harness.entry_point": "checks", **source_tags(source)}) as run:
-            tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
+        with tracking.tracked_run(name, config.experiment,
+                                  tags={"harness.entry_point": "checks", **source_tags(source)}) as active:
+            tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
             run_checks(local)
-            return run.info.run_id
     finally:
         torch.set_num_threads(threads)
+    return result(active.info.run_id)
+
+
+def result(run_id: str) -> tracking.StepResult:
+    return tracking.StepResult.of(run_id)
+
+
+def main(argv=None) -> str:
+    """The command line's entry: returns the MLflow run id."""
+    return run(parse_args(argv)).run_id
 
 
 def run_checks(args) -> dict[str, float]:

@@ -147,7 +147,12 @@ def run(config: ClassifyConfig) -> tracking.StepResult:
     with tracking.tracked_run(name, config.experiment, tags={"harness.entry_point": "classify", **tags}) as active:
         tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
         classify(local, active.info.run_id)
-    return tracking.StepResult.of(active.info.run_id, predictions=PREDICTIONS)
+    return result(active.info.run_id)
+
+
+def result(run_id: str) -> tracking.StepResult:
+    """A classify run's result: its metrics and its ``predictions`` (every figure recomputes from it)."""
+    return tracking.StepResult.of(run_id, predictions=PREDICTIONS)
 
 
 def main(argv=None) -> str:

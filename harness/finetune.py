@@ -150,10 +150,15 @@ def run(config: FinetuneConfig, on_checkpoint=None) -> tracking.StepResult:
         lock.holder(active.info.run_id)
         tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
         train(config, key, out, active.info.run_id, on_checkpoint)
-    result = tracking.StepResult.of(active.info.run_id)
-    tags = mlflow.tracking.MlflowClient().get_run(result.run_id).data.tags
-    checkpoints = {f"checkpoint_{int(k[len(CHECKPOINT_TAG):])}": v for k, v in tags.items() if k.startswith(CHECKPOINT_TAG)}
-    return dataclasses.replace(result, artifacts=checkpoints)
+    return result(active.info.run_id)
+
+
+def result(run_id: str) -> tracking.StepResult:
+    """A fine-tuning run's result: its metrics, and each checkpoint's model URI as ``checkpoint_<step>``."""
+    tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+    checkpoints = {f"checkpoint_{int(k[len(CHECKPOINT_TAG):])}": v for k, v in tags.items()
+                   if k.startswith(CHECKPOINT_TAG)}
+    return dataclasses.replace(tracking.StepResult.of(run_id), artifacts=checkpoints)
 
 
 def main(argv=None, arm: str | None = None, on_checkpoint=None) -> str:

@@ -34,7 +34,7 @@ images (of all images, with data prompts) go to ``valid.csv`` for model selectio
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +44,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -60,7 +61,7 @@ from harness.data.layout import write_csv
 from harness.data.phantom import ARCHIVE, JPEG_QUALITY
 from harness.data.prompts import DEFAULT_TEMPLATE, NO_FINDING, NO_FINDING_TEMPLATE, make_prompt
 from harness.grids import labelled_grid
-from harness.config import int_arg
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 from registry.pyfunc import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -80,72 +81,79 @@ SCHEDULERS = {  # name -> diffusers class, built with from_config(pipe.scheduler
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m harness.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="",
-                   help="models:/ or runs:/ URI, a diffusers directory, 'base' or a Hub id")
-    p.add_argument("--run_id", default="", help="a fine-tuning run: use its checkpoint at --step")
-    p.add_argument("--step", type=int_arg, default=-1, help="checkpoint step of --run_id; -1 = its last")
-    p.add_argument("--prompts", default="disease", choices=["disease", "data"],
-                   help="disease = the five single-finding prompts + no finding; data = label sets drawn "
-                        "from --prompt_data's train split")
-    p.add_argument("--prompt_data", default="",
-                   help="data set whose label sets make the data prompts (default: the fine-tuning run's "
-                        "--data with --run_id, else 'phantom')")
-    p.add_argument("--n_per_prompt", type=int_arg, default=100,
-                   help="images per disease prompt; data prompts make as many images in all (x6)")
-    p.add_argument("--batch_size", type=int_arg, default=16, help="images per pipeline call")
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--scheduler", default="dpm", choices=["native", *SCHEDULERS],
-                   help="native = the checkpoint's own scheduler")
-    p.add_argument("--num_inference_steps", type=int_arg, default=DEFAULT_STEPS)
-    p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE,
-                   help="classifier-free guidance scale, not negative; 1 or less disables guidance "
-                        "(diffusers guides only above 1)")
-    p.add_argument("--resolution", type=int_arg, default=0, help="0 = the checkpoint's native size")
-    p.add_argument("--view", default="frontal", choices=["frontal", "lateral"])
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help="prompt template with {findings} (and {view})")
-    p.add_argument("--no_finding_template", default=NO_FINDING_TEMPLATE)
-    p.add_argument("--valid_fraction", type=float, default=0.1, help="share of each prompt's images in valid.csv")
-    p.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                   help="auto = fp16 on a GPU, else full precision")
-    p.add_argument("--threads", type=int_arg, default=0,
-                   help="torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)")
-    p.add_argument("--grid_rows", type=int_arg, default=4, help="images per prompt in the sample grid")
-    p.add_argument("--output_dir", default="", help="default: $HARNESS_OUTPUT_DIR/generated/<run id> "
-                                                    "(HARNESS_OUTPUT_DIR defaults to outputs)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    if bool(args.checkpoint) == bool(args.run_id):
-        p.error("pass exactly one of --checkpoint and --run_id")
-    if args.step >= 0 and not args.run_id:
-        p.error("--step needs --run_id")
-    if min(args.n_per_prompt, args.batch_size, args.num_inference_steps) < 1:
-        p.error("n_per_prompt, batch_size and num_inference_steps must be positive")
-    if args.seed < 0 or args.resolution < 0:
-        p.error("seed and resolution must not be negative")
-    if not 0.0 <= args.valid_fraction < 1.0:
-        p.error(f"valid_fraction={args.valid_fraction} must be in [0, 1)")
-    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
-        p.error(f"--guidance_scale {args.guidance_scale} must be a number >= 0 (1 or less disables guidance)")
-    if args.prompt_data:
-        try:
-            DataSpec.parse(args.prompt_data)  # an unknown format fails here, before the model loads
-        except ValueError as err:
-            p.error(f"--prompt_data: {err}")
-    return args
+@dataclass
+class GenerateConfig(StepConfig):
+    checkpoint: str = param("", "models:/ or runs:/ URI, a diffusers directory, 'base' or a Hub id", project=True)
+    run_id: str = param("", "a fine-tuning run: use its checkpoint at --step", project=True)
+    step: int = param(-1, "checkpoint step of --run_id; -1 = its last", project=True)
+    prompts: str = param("disease", "disease = the five single-finding prompts + no finding; data = label sets "
+                         "drawn from --prompt_data's train split", choices=["disease", "data"], project=True)
+    prompt_data: str = param("", "data set whose label sets make the data prompts (default: the fine-tuning "
+                             "run's --data with --run_id, else 'phantom')", project=True)
+    n_per_prompt: int = param(100, "images per disease prompt; data prompts make as many images in all (x6)",
+                              project=True)
+    batch_size: int = param(16, "images per pipeline call", project=True)
+    seed: int = param(0, project=True)
+    scheduler: str = param("dpm", "native = the checkpoint's own scheduler", choices=["native", *SCHEDULERS],
+                           project=True)
+    num_inference_steps: int = param(DEFAULT_STEPS, project=True)
+    guidance_scale: float = param(DEFAULT_GUIDANCE, "classifier-free guidance scale, not negative; 1 or less "
+                                  "disables guidance (diffusers guides only above 1)", project=True)
+    resolution: int = param(0, "0 = the checkpoint's native size", project=True)
+    view: str = param("frontal", choices=["frontal", "lateral"], project=True)
+    template: str = param(DEFAULT_TEMPLATE, "prompt template with {findings} (and {view})", project=True)
+    no_finding_template: str = param(NO_FINDING_TEMPLATE)
+    valid_fraction: float = param(0.1, "share of each prompt's images in valid.csv")
+    mixed_precision: str = param("auto", "auto = fp16 on a GPU, else full precision",
+                                 choices=["auto", "no", "fp16", "bf16"], project=True)
+    threads: int = param(0, "torch CPU threads (0 = torch's default; 1 is much faster on a busy shared CPU)",
+                         key=False)
+    grid_rows: int = param(4, "images per prompt in the sample grid", key=False)
+    output_dir: str = param("", "default: $HARNESS_OUTPUT_DIR/generated/<run id> (HARNESS_OUTPUT_DIR defaults "
+                            "to outputs)", project=True, key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+    def check(self) -> None:
+        if bool(self.checkpoint) == bool(self.run_id):
+            raise ConfigError("pass exactly one of --checkpoint and --run_id")
+        if self.step >= 0 and not self.run_id:
+            raise ConfigError("--step needs --run_id")
+        self.at_least(1, "n_per_prompt", "batch_size", "num_inference_steps", "grid_rows")
+        self.not_negative("seed", "resolution", "threads")
+        self.within("valid_fraction", 0.0, 1.0, high_open=True)
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError(f"--guidance_scale {self.guidance_scale} must be a number >= 0 (1 or less disables "
+                              "guidance)")
+        if self.prompt_data:
+            try:
+                DataSpec.parse(self.prompt_data)  # an unknown format fails here, before the model loads
+            except ValueError as err:
+                raise ConfigError(f"--prompt_data: {err}") from None
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    return parse(GenerateConfig, argv, prog="python -m harness.generate")
+
+
+def run(config: GenerateConfig) -> tracking.StepResult:
+    """Generate one data set; the result names it as ``data`` (a data spec the next step reads)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    with tracking.tracked_run("generate", config.experiment) as active:
+        tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a checkpoint URL's password
+                             for k, v in config.params().items() if k != "experiment"})
+        generate(config, active.info.run_id)
+    return result(active.info.run_id)
+
+
+def result(run_id: str) -> tracking.StepResult:
+    """A generate run's result: its metrics, and its data set's spec as ``data``."""
+    return dataclasses.replace(tracking.StepResult.of(run_id), artifacts={"data": generated_spec(run_id)})
 
 
 def main(argv=None) -> str:
-    """Generate one data set; returns the MLflow run id."""
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with tracking.tracked_run("generate", args.experiment) as run:
-        tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a checkpoint URL's password
-                             for k, v in vars(args).items() if k != "experiment"})
-        generate(args, run.info.run_id)
-        return run.info.run_id
+    """The command line's entry: returns the MLflow run id."""
+    return run(parse_args(argv)).run_id
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ against a classifier trained on real images; prints the write-up's table.
     mlflow run . -e pipeline --env-manager local   # the same, as an MLflow Project step
     python -m harness.pipeline --steps 50000 --eval_steps 30000,50000 --n_per_prompt 1000   # the write-up's
 
-Each step is the entry point's own ``main`` run as a nested MLflow run of this one. As in MLflow's
+Each step is the entry point's own ``run(config)``, as a nested MLflow run of this one. As in MLflow's
 multistep example, a step that already FINISHED with identical parameters, code and data is
 reused instead of rerun (tag ``harness.step_key``); ``--force true`` redoes everything.
 Each judged checkpoint is registered as a version of ``cxr-sd-<data>`` (``registry.register``) and
@@ -21,17 +21,15 @@ worker processes, each with ``cpu_count // jobs`` torch threads: small models le
 pipeline process (``kill -9`` included), and a rerun first stops any step process that a dead
 pipeline left running, so two processes never train the same fine-tune.
 
-Every argument is checked before anything runs: the pipeline's own, and each step's command line
-through that step's parser; the data's labels must give metric names (``harness.metrics.snake``).
+Every argument is checked before anything runs: the pipeline's own, and each step's config as the
+pipeline makes it; the data's labels must give metric names (``harness.metrics.snake``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import hashlib
-import io
 import logging
 import math
 import multiprocessing
@@ -54,12 +52,11 @@ from mlflow.tracking import MlflowClient
 
 from harness import checks, classify, finetune, generate, tracking
 from harness.compare import difference_table
-from harness.metrics import check_metric_names, snake
+from harness.metrics import check_metric_names, checks_row, classify_row
 from harness.classifier import CLASSIFIERS
-from harness.config import bool_arg, int_arg
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.artifacts import local_spec
 from harness.data import DataSpec, load_table
-from harness.pathologies import FINDINGS
 from registry.promote import promote
 from registry.register import model_name, register_checkpoint
 
@@ -70,99 +67,124 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 log = logging.getLogger(__name__)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="phantom", help="real data: FORMAT:PATH or 'phantom'")
-    p.add_argument("--pretrained_model", default="base")
-    p.add_argument("--arms", default="dreambooth,text_encoder,unet_text_encoder")
+@dataclass
+class PipelineConfig(StepConfig):
+    data: str = param("phantom", "real data: FORMAT:PATH or 'phantom'", project=True)
+    pretrained_model: str = param("base", project=True)
+    arms: str = param("dreambooth,text_encoder,unet_text_encoder", "comma-separated arms; the first is compared "
+                      "with each other", project=True)
     # CPU-sized defaults (the write-up compared 30000 and 50000 iterations on a GPU): the small
     # embedded base wants 2e-3 (a real SD checkpoint ~5e-6), and more steps keep helping (README:
     # quality table); one judged checkpoint per arm keeps the CPU time in check.
-    p.add_argument("--steps", type=int_arg, default=1200)
-    p.add_argument("--eval_steps", default="1200", help="checkpoints to judge, comma-separated")
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--batch_size", type=int_arg, default=8)
+    steps: int = param(1200, project=True)
+    eval_steps: str = param("1200", "checkpoints to judge, comma-separated (\"600,1200\": the write-up's two "
+                            "per arm)", project=True)
+    learning_rate: float = param(2e-3, "for the embedded base; a real SD wants ~5e-6", project=True)
+    batch_size: int = param(8)
     # Fewer images cannot show anything: even a perfect generator (the phantom renderer) trains a
     # classifier near chance from a few dozen per prompt (`bench.synthetic_ratio --oracle`; README).
-    p.add_argument("--n_per_prompt", type=int_arg, default=200,
-                   help="synthetic images per disease prompt (data prompts: as many in all, x6)")
+    n_per_prompt: int = param(200, "synthetic images per disease prompt (data prompts: as many in all, x6)",
+                              project=True)
     # Data prompts (label sets drawn from the real train split) show a classifier the findings'
     # co-occurrence, which single-finding prompts never do (README: the perfect generator's figures).
-    p.add_argument("--prompts", default="data", choices=["disease", "data"],
-                   help="generate's prompts: data (the real label sets) or disease (the write-up's five + no finding)")
+    prompts: str = param("data", "generate's prompts: data (the real label sets) or disease (the write-up's "
+                         "five + no finding)", choices=["disease", "data"], project=True)
     # Few DPM-Solver steps: more did not change the synthetic AUC beyond its CI (README).
-    p.add_argument("--num_inference_steps", type=int_arg, default=6)
-    p.add_argument("--classifier", default="small_cnn")
-    p.add_argument("--epochs", type=int_arg, default=8)
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--promote_margin", type=float, default=0.0, help="AUC a checkpoint must gain to take champion")
-    p.add_argument("--registered_model", default="",
-                   help="registered model for the judged checkpoints (default: cxr-sd-<data>-<path hash>, "
-                        "registry.register.model_name); name it when workers see the data under other paths")
-    p.add_argument("--force", type=bool_arg, default=False, help="rerun steps even when a finished one matches")
-    p.add_argument("--jobs", type=int_arg, default=0,
-                   help="worker processes for independent steps; 0 = 2 on a CPU-only machine with 2+ cores, "
-                        "else 1 (1 = every step in this process, one after another)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    # Everything is checked here, before the first step: a bad value found by a later step would
-    # only show after the fine-tunes (hours on a real budget).
-    if args.jobs < 0:
-        p.error("--jobs must not be negative")
-    small = [f"--{k} {getattr(args, k)}" for k in ("steps", "batch_size", "n_per_prompt", "num_inference_steps",
-                                                    "epochs") if getattr(args, k) < 1]
-    if small:
-        p.error(f"{', '.join(small)}: must be at least 1")
-    if args.seed < 0:
-        p.error(f"--seed {args.seed} must not be negative")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        p.error(f"--learning_rate {args.learning_rate} must be a positive number")
-    if not math.isfinite(args.promote_margin):
-        p.error(f"--promote_margin {args.promote_margin} must be a number")
-    try:
-        DataSpec.parse(args.data)
-    except ValueError as err:
-        p.error(f"--data: {err}")
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = sorted(set(arms) - set(finetune.ARMS))
-    if unknown or len(set(arms)) != len(arms):
-        p.error(f"--arms {args.arms!r}: each of {', '.join(sorted(finetune.ARMS))} at most once"
-                + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-    if args.classifier not in CLASSIFIERS:
-        p.error(f"--classifier {args.classifier!r}: choose one of {', '.join(CLASSIFIERS)}")
-    try:
-        args.eval = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
-    except ValueError:
-        p.error(f"--eval_steps {args.eval_steps!r}: expected comma-separated integers")
-    if not args.eval or args.eval[-1] > args.steps or args.eval[0] < 1:
-        p.error(f"--eval_steps must be steps between 1 and --steps={args.steps}, got {args.eval_steps!r}")
-    _check_step_arguments(p, args, arms)
-    return args
+    num_inference_steps: int = param(6)
+    classifier: str = param("small_cnn", choices=CLASSIFIERS)
+    epochs: int = param(8, project=True)
+    seed: int = param(0, project=True)
+    promote_margin: float = param(0.0, "AUC a checkpoint must gain to take champion")
+    registered_model: str = param("", "registered model for the judged checkpoints (default: "
+                                  "cxr-sd-<data>-<path hash>, registry.register.model_name); name it when "
+                                  "workers see the data under other paths")
+    force: bool = param(False, "rerun steps even when a finished one matches", project=True, key=False)
+    jobs: int = param(0, "worker processes for independent steps; 0 = 2 on a CPU-only machine with 2+ cores, "
+                      "else 1 (1 = every step in this process, one after another)", project=True, key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+    eval: list[int] = field(init=False)  # eval_steps, parsed and sorted
 
-
-def _check_step_arguments(p: argparse.ArgumentParser, args, arms: list[str]) -> None:
-    """Each step's command line through that step's own parser, with stand-ins for the run ids and
-    folders that only earlier steps make, so a value a step refuses is refused now."""
-    run, generated = "0" * 32, f"chexpert:runs:/{'0' * 32}/synthetic"
-    steps = [("finetune", finetune.parse_args, _finetune_argv(args, arm)) for arm in arms]
-    steps += [("classify", classify.parse_args, _classify_argv(args, args.data)),
-              ("generate", generate.parse_args, _generate_argv(args, run, args.eval[-1])),
-              ("classify", classify.parse_args, _classify_argv(args, generated, run)),
-              ("checks", checks.parse_args, _checks_argv(args, generated, run))]
-    for name, parse, step_argv in steps:
-        err = io.StringIO()
+    def check(self) -> None:
+        # Everything is checked here, before the first step: a bad value found by a later step would
+        # only show after the fine-tunes (hours on a real budget).
+        self.not_negative("jobs", "seed")
+        self.at_least(1, "steps", "batch_size", "n_per_prompt", "num_inference_steps", "epochs")
+        self.positive("learning_rate")
+        if not math.isfinite(self.promote_margin):
+            raise ConfigError(f"--promote_margin {self.promote_margin}: must be a number")
         try:
-            with contextlib.redirect_stderr(err):
-                parse(step_argv)
-        except SystemExit:
-            message = (err.getvalue().strip().splitlines() or ["refused its arguments"])[-1]
-            p.error(f"the {name} step: {message.split('error: ', 1)[-1]}")
+            DataSpec.parse(self.data)
+        except ValueError as err:
+            raise ConfigError(f"--data: {err}") from None
+        arms = self.arm_list()
+        unknown = sorted(set(arms) - set(finetune.ARMS))
+        if unknown or len(set(arms)) != len(arms):
+            raise ConfigError(f"--arms {self.arms!r}: each of {', '.join(sorted(finetune.ARMS))} at most once"
+                              + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        try:
+            self.eval = sorted({int(s) for s in self.eval_steps.split(",") if s.strip()})
+        except ValueError:
+            raise ConfigError(f"--eval_steps {self.eval_steps!r}: expected comma-separated integers") from None
+        if not self.eval or self.eval[-1] > self.steps or self.eval[0] < 1:
+            raise ConfigError(f"--eval_steps must be steps between 1 and --steps={self.steps}, "
+                              f"got {self.eval_steps!r}")
+        self._check_steps()
+
+    def arm_list(self) -> list[str]:
+        return [a.strip() for a in self.arms.split(",") if a.strip()]
+
+    def _check_steps(self) -> None:
+        """Each step's config as the study will make it, with stand-ins for the run ids and folders
+        that only earlier steps make, so a value a step refuses is refused now."""
+        run, generated = "0" * 32, f"chexpert:runs:/{'0' * 32}/synthetic"
+        steps = [("finetune", lambda arm=arm: finetune_config(self, arm)) for arm in self.arm_list()]
+        steps += [("classify", lambda: classify_config(self, self.data)),
+                  ("generate", lambda: generate_config(self, run, self.eval[-1])),
+                  ("classify", lambda: classify_config(self, generated, run)),
+                  ("checks", lambda: checks_config(self, generated, run))]
+        for name, make in steps:
+            try:
+                make()
+            except ConfigError as err:
+                raise ConfigError(f"the {name} step: {err}") from None
+
+
+def parse_args(argv=None) -> PipelineConfig:
+    return parse(PipelineConfig, argv, prog="python -m harness.pipeline")
+
+
+# What each step is given: the pipeline's shared values, and what earlier steps made.
+
+def finetune_config(config: PipelineConfig, arm: str) -> finetune.FinetuneConfig:
+    return finetune.FinetuneConfig(arm=arm, data=config.data, pretrained_model=config.pretrained_model,
+                                   steps=config.steps, learning_rate=config.learning_rate,
+                                   batch_size=config.batch_size, seed=config.seed,
+                                   checkpoint_every=math.gcd(*config.eval))
+
+
+def generate_config(config: PipelineConfig, finetune_run: str, step: int) -> generate.GenerateConfig:
+    return generate.GenerateConfig(run_id=finetune_run, step=step, n_per_prompt=config.n_per_prompt,
+                                   prompts=config.prompts, num_inference_steps=config.num_inference_steps,
+                                   seed=config.seed)
+
+
+def classify_config(config: PipelineConfig, train: str, baseline_run: str | None = None) -> classify.ClassifyConfig:
+    return classify.ClassifyConfig(train=train, baseline_run=baseline_run or "", test=config.data,
+                                   model=config.classifier, epochs=config.epochs, seed=config.seed)
+
+
+def checks_config(config: PipelineConfig, generated: str, classifier_run: str) -> checks.ChecksConfig:
+    # the distance in the real-trained classifier's features
+    return checks.ChecksConfig(generated=generated, real=config.data, seed=config.seed,
+                               classifier_run=classifier_run)
 
 
 def check_labels(data: str) -> list[str]:
     """The data's labels, which must give distinct, non-empty metric names (classify needs them,
     after the fine-tunes): checked before any step."""
-    return check_metric_names(load_table(local_spec(data), "train").attrs["labels"])
+    labels = load_table(local_spec(data), "train").attrs["labels"]
+    check_metric_names(labels)
+    return labels
 
 
 def code_version() -> str:
@@ -176,35 +198,43 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def run_step(name: str, entry, argv: list[str], force: bool) -> str:
-    """Run ``entry(argv)`` as a nested run, or reuse a FINISHED run with the same key."""
-    key = tracking.params_key({"step": name, "argv": argv, "code": code_version()})
+def run_step(name: str, entry: str, config, force: bool) -> tracking.StepResult:
+    """Run step ``entry`` with ``config`` as a nested run, or reuse a FINISHED run with the same key."""
+    key = tracking.params_key({"step": name, "entry": entry, "config": config.key_params(), "code": code_version()})
     client = MlflowClient()
+    step = STEPS[entry]
     if not force:
         experiments = [e.experiment_id for e in client.search_experiments()]
         found = client.search_runs(experiments, f"tags.`{STEP_KEY}` = '{key}' and attributes.status = 'FINISHED'",
                                    max_results=1)
         if found:
             log.info(f"{name}: reusing run {found[0].info.run_id}")
-            return found[0].info.run_id
+            return step.result(found[0].info.run_id)
     log.info(f"{name}: running")
-    run_id = entry(argv)
-    client.set_tag(run_id, STEP_KEY, key)
-    return run_id
+    result = step.run(config)
+    client.set_tag(result.run_id, STEP_KEY, key)
+    return result
 
 
-def main(argv=None) -> pd.DataFrame:
-    args = parse_args(argv)
-    check_labels(args.data)
+@dataclass(frozen=True)
+class StudyResult:
+    """The pipeline run, the write-up's table and the arms' paired differences."""
+    run_id: str
+    table: pd.DataFrame
+    differences: pd.DataFrame
+
+
+def run(config: PipelineConfig) -> StudyResult:
+    labels = check_labels(config.data)
     tracking.use_project_store()
     stop_orphaned_steps()  # before tracked_run reaps: their runs then end KILLED with them
-    with tracking.tracked_run("pipeline", args.experiment, tags={"harness.entry_point": "pipeline"}) as run:
+    with tracking.tracked_run("pipeline", config.experiment, tags={"harness.entry_point": "pipeline"}) as active:
         tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a model URL's password
-                             for k, v in vars(args).items() if k not in {"experiment", "eval"}})
+                             for k, v in config.params().items() if k != "experiment"})
         start = time.perf_counter()
-        table, differences = study(args)
-        if args.arms.strip():
-            _promote(args.registered_model or model_name(args.data), args.promote_margin)
+        table, differences = study(config, labels)
+        if config.arm_list():
+            _promote(config.registered_model or model_name(config.data), config.promote_margin)
         mlflow.log_metric("pipeline_seconds", time.perf_counter() - start)
         mlflow.log_table(table.reset_index(), "comparison.json")
         mlflow.log_text(table.to_markdown(floatfmt=".3f"), "comparison.md")
@@ -212,73 +242,62 @@ def main(argv=None) -> pd.DataFrame:
         if not differences.empty:
             mlflow.log_text(differences.to_markdown(floatfmt=".3f"), "arm_differences.md")
             print(differences.to_string(float_format=lambda v: f"{v:.3f}"))
-        return table
+    return StudyResult(active.info.run_id, table, differences)
 
 
-ENTRIES = {"finetune": finetune.main, "generate": generate.main, "classify": classify.main, "checks": checks.main}
+def main(argv=None) -> pd.DataFrame:
+    """The command line's entry: returns the write-up's table."""
+    return run(parse_args(argv)).table
+
+
+# The entry points a study runs: each module's ``run(config)``, and ``result(run_id)`` for a reused run.
+STEPS = {"finetune": finetune, "generate": generate, "classify": classify, "checks": checks}
 
 
 @dataclass
 class Task:
-    """One step: which entry point, and its argv built from the run ids of the steps it needs."""
+    """One step: which entry point, and its config made from the results of the steps it needs."""
     entry: str
-    argv: Callable[[dict], list[str]]
+    config: Callable[[dict[str, tracking.StepResult]], object]
     needs: list[str] = field(default_factory=list)
 
 
-def _finetune_argv(args, arm: str) -> list[str]:
-    return ["--arm", arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
-            "--steps", str(args.steps), "--learning_rate", str(args.learning_rate),
-            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--checkpoint_every", str(math.gcd(*args.eval))]
-
-
-def _generate_argv(args, finetune_run: str, step: int) -> list[str]:
-    return ["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
-            "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed)]
-
-
-def _classify_argv(args, train: str, baseline_run: str | None = None) -> list[str]:
-    baseline = ["--baseline_run", baseline_run] if baseline_run else []
-    return ["--train", train, *baseline, "--test", args.data, "--model", args.classifier, "--epochs", str(args.epochs),
-            "--seed", str(args.seed)]
-
-
-def _checks_argv(args, generated: str, classifier_run: str) -> list[str]:
-    # the distance in the real-trained classifier's features
-    return ["--generated", generated, "--real", args.data, "--seed", str(args.seed), "--classifier_run", classifier_run]
-
-
-def study(args) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run every step; returns the write-up's table and the arms' paired differences."""
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+def study(config: PipelineConfig, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run every step; returns the write-up's table (a column per label of the data) and the arms'
+    paired differences."""
+    arms = config.arm_list()
     tasks = {}
     # longest first: the fine-tunes, then the real baseline; the rest as their inputs come
     for arm in arms:
-        tasks[f"finetune/{arm}"] = Task("finetune", lambda done, arm=arm: _finetune_argv(args, arm))
-    tasks["classify/real"] = Task("classify", lambda done: _classify_argv(args, args.data))
+        tasks[f"finetune/{arm}"] = Task("finetune", lambda done, arm=arm: finetune_config(config, arm))
+    tasks["classify/real"] = Task("classify", lambda done: classify_config(config, config.data))
     for arm in arms:
-        for step in args.eval:
+        for step in config.eval:
             at = f"{arm}/{step}"
-            tasks[f"generate/{at}"] = Task("generate", lambda done, arm=arm, step=step: _generate_argv(
-                args, done[f"finetune/{arm}"], step), [f"finetune/{arm}"])
-            tasks[f"classify/{at}"] = Task("classify", lambda done, at=at: _classify_argv(
-                args, _generated(done[f"generate/{at}"]), done["classify/real"]), [f"generate/{at}", "classify/real"])
-            tasks[f"checks/{at}"] = Task("checks", lambda done, at=at: _checks_argv(
-                args, _generated(done[f"generate/{at}"]), done["classify/real"]), [f"generate/{at}", "classify/real"])
-    done = execute(tasks, resolve_jobs(args.jobs), args.force)
+            tasks[f"generate/{at}"] = Task("generate", lambda done, arm=arm, step=step: generate_config(
+                config, done[f"finetune/{arm}"].run_id, step), [f"finetune/{arm}"])
+            tasks[f"classify/{at}"] = Task("classify", lambda done, at=at: classify_config(
+                config, done[f"generate/{at}"].artifacts["data"], done["classify/real"].run_id),
+                [f"generate/{at}", "classify/real"])
+            tasks[f"checks/{at}"] = Task("checks", lambda done, at=at: checks_config(
+                config, done[f"generate/{at}"].artifacts["data"], done["classify/real"].run_id),
+                [f"generate/{at}", "classify/real"])
+    results = execute(tasks, resolve_jobs(config.jobs), config.force)
+    done = {name: result.run_id for name, result in results.items()}
 
-    rows = {"real images": _row(done["classify/real"])}
+    rows = {"real images": classify_row(results["classify/real"].metrics.get, labels)}
     for arm in arms:
-        for step in args.eval:
+        for step in config.eval:
             at = f"{arm}/{step}"
             version = register_checkpoint(done[f"finetune/{arm}"], step, done[f"classify/{at}"],
                                           done[f"generate/{at}"], done[f"checks/{at}"],
-                                          name=args.registered_model or None)
+                                          name=config.registered_model or None)
             log.info(f"{arm} @ {step}: registered {version.name} version {version.version}")
-            rows[f"{arm} @ {step}"] = {**_row(done[f"classify/{at}"]), **_checks_row(done[f"checks/{at}"])}
+            rows[f"{arm} @ {step}"] = {**classify_row(results[f"classify/{at}"].metrics.get, labels),
+                                       **checks_row(results[f"checks/{at}"].metrics.get)}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
-    return table, arm_differences(arms, args.eval, done, args.seed)
+    return table, arm_differences(arms, config.eval, done, config.seed)
 
 
 def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], seed: int) -> pd.DataFrame:
@@ -293,12 +312,6 @@ def arm_differences(arms: list[str], steps: list[int], done: dict[str, str], see
     return table
 
 
-def _generated(generate_run: str) -> str:
-    """What the next steps read: the generate run's artifact URI (any worker of the tracking server
-    reads it; the host that made it reads its folder in place), not a local path."""
-    return generate.generated_spec(generate_run)
-
-
 def resolve_jobs(jobs: int) -> int:
     """``--jobs 0``: 2 worker processes on a CPU-only machine with at least 2 cores, else 1."""
     if jobs:
@@ -308,15 +321,15 @@ def resolve_jobs(jobs: int) -> int:
     return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
 
 
-def execute(tasks: dict[str, Task], jobs: int, force: bool) -> dict[str, str]:
-    """Run every task once its needs are done; returns task name -> run id. With ``jobs`` > 1 the
+def execute(tasks: dict[str, Task], jobs: int, force: bool) -> dict[str, tracking.StepResult]:
+    """Run every task once its needs are done; returns task name -> its result. With ``jobs`` > 1 the
     tasks run in that many worker processes as nested runs of the active run; a failed task lets
     the running ones finish, starts no more, and raises its error."""
-    done: dict[str, str] = {}
+    done: dict[str, tracking.StepResult] = {}
     if jobs <= 1:
         while len(done) < len(tasks):
             name = next(n for n, t in tasks.items() if n not in done and all(d in done for d in t.needs))
-            done[name] = run_step(name, ENTRIES[tasks[name].entry], tasks[name].argv(done), force)
+            done[name] = run_step(name, tasks[name].entry, tasks[name].config(done), force)
         return done
     parent = mlflow.active_run()
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "MLFLOW_EXPERIMENT_ID": parent.info.experiment_id,
@@ -330,7 +343,7 @@ def execute(tasks: dict[str, Task], jobs: int, force: bool) -> dict[str, str]:
             while len(done) < len(tasks):
                 for name, task in tasks.items():
                     if name not in done and name not in pending.values() and all(d in done for d in task.needs):
-                        pending[pool.submit(_run_task, name, task.entry, task.argv(done), force)] = name
+                        pending[pool.submit(run_step, name, task.entry, task.config(done), force)] = name
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     done[pending.pop(future)] = future.result()
@@ -348,10 +361,6 @@ def _worker_init(env: dict, threads: int, parent_pid: int) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`: the pipeline's own run, not the steps'
     os.environ.update(env)
     torch.set_num_threads(threads)
-
-
-def _run_task(name: str, entry: str, argv: list[str], force: bool) -> str:
-    return run_step(name, ENTRIES[entry], argv, force)
 
 
 def die_with_parent(parent_pid: int, interval: float = 0.5) -> None:
@@ -443,28 +452,6 @@ def _promote(name: str, margin: float) -> None:
         return
     mlflow.set_tag("harness.champion", f"{name}@champion = version {decision.champion}")
     log.info(f"{name}@champion: {decision.reason}")
-
-
-def _checks_row(run_id: str) -> dict:
-    """What the write-up judged by eye: view mix, near-copies of training images, distance, and
-    whether the images show their prompts (with the phantom renderer's ceiling)."""
-    metrics = MlflowClient().get_run(run_id).data.metrics
-    return {"frontal fraction": metrics.get("view_frontal_fraction", float("nan")),
-            "memorized fraction": metrics.get("memorization_fraction", float("nan")),
-            "Frechet distance": metrics.get("frechet_distance", float("nan")),
-            "prompt adherence": metrics.get("adherence_mean", float("nan")),
-            "adherence ceiling": metrics.get("adherence_ceiling_mean", float("nan"))}
-
-
-def _row(run_id: str) -> dict:
-    """The write-up's columns from a classify run: per-disease AUC, macro AUC, accuracy and
-    balanced accuracy (accuracy at 0.5 mostly reflects the labels' prevalence)."""
-    metrics = MlflowClient().get_run(run_id).data.metrics
-    row = {label: metrics.get(f"auc_{snake(label)}", float("nan")) for label in FINDINGS}
-    row["macro AUC"] = metrics.get("auc_macro", float("nan"))
-    row["accuracy"] = metrics.get("acc_macro", float("nan"))
-    row["balanced accuracy"] = metrics.get("bal_acc_macro", float("nan"))
-    return row
 
 
 if __name__ == "__main__":

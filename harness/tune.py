@@ -36,7 +36,7 @@ worker to start a trial marks it FAILED, ends its MLflow runs KILLED and queues 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import math
 import re
@@ -44,6 +44,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -57,8 +58,8 @@ from optuna_integration import MLflowCallback
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflowCallback looks for a trial's run
 
 from harness import checks, classify, finetune, generate, tracking
-from harness.classifier import classifier_from_run
-from harness.config import bool_arg, int_arg
+from harness.classifier import CLASSIFIERS, classifier_from_run
+from harness.config import ConfigError, StepConfig, param, parse
 from harness.artifacts import local_spec
 from harness.data import DataSpec, load_table
 from harness.metrics import nan_mean
@@ -71,74 +72,102 @@ OBJECTIVES = {"auc": "valid_auc_macro", "adherence": "adherence_mean"}
 TAG = "harness.tune."
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m harness.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arm", required=True, choices=sorted(finetune.ARMS))
-    p.add_argument("--data", default="phantom", help="real data: FORMAT:PATH or 'phantom' (train, valid and test)")
-    p.add_argument("--pretrained_model", default="base")
-    p.add_argument("--study_name", default="",
-                   help="default: <arm>-<data> (-adherence with that objective); workers sharing a study use the same")
-    p.add_argument("--storage", default="sqlite:///optuna.db",
-                   help="an SQLAlchemy URL: a local SQLite file (default, no server) or postgresql://user@host/db "
-                        "for several workers (its password from PGPASSWORD or ~/.pgpass, not in the URL)")
-    p.add_argument("--n_trials", type=int_arg, default=10, help="trials in the whole study, across all workers")
-    p.add_argument("--timeout", type=float, default=0, help="this worker stops starting trials after N s (0 = never)")
-    # The search space, around where the embedded base starts to draw chests (600 steps at 1e-3;
-    # at 1e-4 / 200 steps it draws textures): a trial takes ~5-10 min on 2 cores. On a GPU with
-    # SD 1.5 search e.g. 1e-6..1e-5 and 2000-20000 steps, eval_every 2000.
-    p.add_argument("--lr_min", type=float, default=1e-4)
-    p.add_argument("--lr_max", type=float, default=3e-3)
-    p.add_argument("--steps_min", type=int_arg, default=200)
-    p.add_argument("--steps_max", type=int_arg, default=800)
-    p.add_argument("--eval_every", type=int_arg, default=200,
-                   help="judge a checkpoint every N steps (the pruner's intermediate values); steps are multiples")
+@dataclass
+class TuneConfig(StepConfig):
+    arm: str = param(dataclasses.MISSING, "the arm whose learning rate and steps are searched",
+                     choices=sorted(finetune.ARMS), project=True)
+    data: str = param("phantom", "real data: FORMAT:PATH or 'phantom' (train, valid and test)", project=True)
+    pretrained_model: str = param("base", project=True)
+    study_name: str = param("", "default: <arm>-<data> (-adherence with that objective); workers sharing a study "
+                            "use the same", project=True)
+    storage: str = param("sqlite:///optuna.db", "an SQLAlchemy URL: a local SQLite file (default, no server) or "
+                         "postgresql://user@host/db for several workers (its password from PGPASSWORD or "
+                         "~/.pgpass, never in the URL)", project=True)
+    n_trials: int = param(10, "trials in the whole study, across all workers", project=True)
+    timeout: float = param(0.0, "this worker stops starting trials after N s (0 = never)", key=False)
+    # The search space, around where the embedded base starts to draw chests (at 1e-4 / 200 steps it
+    # draws textures). On a GPU with SD 1.5 search e.g. 1e-6..1e-5 and 2000-20000 steps, eval_every 2000.
+    lr_min: float = param(1e-4, project=True)
+    lr_max: float = param(3e-3, project=True)
+    steps_min: int = param(200, project=True)
+    steps_max: int = param(800, project=True)
+    eval_every: int = param(200, "judge a checkpoint every N steps (the pruner's intermediate values); steps are "
+                            "multiples", project=True)
     # Per trial, as in the pipeline's defaults (harness.pipeline): too few images per prompt measure
     # nothing, even from a perfect generator (`bench.synthetic_ratio --oracle`; README).
-    p.add_argument("--batch_size", type=int_arg, default=8)
-    p.add_argument("--n_per_prompt", type=int_arg, default=200, help="synthetic images per prompt and checkpoint")
-    p.add_argument("--prompts", default="data", choices=["disease", "data"], help="as the pipeline's --prompts")
-    p.add_argument("--num_inference_steps", type=int_arg, default=10)
-    p.add_argument("--classifier", default="small_cnn")
-    p.add_argument("--epochs", type=int_arg, default=8)
-    p.add_argument("--seed", type=int_arg, default=0, help="fine-tuning, generation and classifier seed (every trial)")
-    p.add_argument("--sampler_seed", type=int_arg, default=-1,
-                   help="TPE sampler seed; -1 = a fresh one per worker (workers with one seed propose the same trials)")
-    p.add_argument("--objective", default="auc", choices=sorted(OBJECTIVES),
-                   help="what judges a checkpoint: auc = valid-split macro AUC of a classifier trained on its "
-                        "images; adherence = their prompt adherence under a real-trained classifier (seconds)")
-    p.add_argument("--pruner", default="median", choices=["median", "none"])
-    p.add_argument("--n_startup_trials", type=int_arg, default=2, help="trials finished before pruning starts")
-    p.add_argument("--heartbeat_interval", type=int_arg, default=60, help="seconds between a running trial's heartbeats")
-    p.add_argument("--grace_period", type=int_arg, default=0,
-                   help="seconds without heartbeat before a trial counts as dead (0 = 2 x heartbeat_interval)")
-    p.add_argument("--max_retry", type=int_arg, default=1, help="times a dead worker's trial is queued again")
-    p.add_argument("--register", type=bool_arg, default=True, help="register the best trial's checkpoint")
-    p.add_argument("--promote", type=bool_arg, default=False,
-                   help="then give it the 'champion' alias if it beats the current one (registry.promote)")
-    p.add_argument("--threads", type=int_arg, default=0, help="torch CPU threads for generate/classify (0 = default)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    if not 0 < args.lr_min <= args.lr_max:
-        p.error(f"need 0 < lr_min <= lr_max, got {args.lr_min} and {args.lr_max}")
-    if args.eval_every < 1 or args.steps_min < args.eval_every or args.steps_max < args.steps_min:
-        p.error(f"need 1 <= eval_every <= steps_min <= steps_max, got {args.eval_every}, {args.steps_min}, "
-                f"{args.steps_max}")
-    if args.steps_min % args.eval_every or args.steps_max % args.eval_every:
-        p.error(f"steps_min ({args.steps_min}) and steps_max ({args.steps_max}) must be multiples of "
-                f"eval_every ({args.eval_every}): every trial ends on a judged checkpoint")
-    if args.n_trials < 1 or args.heartbeat_interval < 1 or args.max_retry < 0:
-        p.error("n_trials and heartbeat_interval must be positive, max_retry not negative")
-    if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", args.storage):
-        p.error(f"--storage {tracking.redact_url(args.storage)!r}: expected an SQLAlchemy URL, sqlite:///FILE or "
-                "postgresql://...")
-    try:
-        DataSpec.parse(args.data)  # an unknown format fails here, not in the first trial
-    except ValueError as err:
-        p.error(f"--data: {err}")
-    data = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.data).strip("_")
-    suffix = "" if args.objective == "auc" else f"-{args.objective}"  # a study has one objective
-    args.study_name = args.study_name or f"{args.arm}-{data}{suffix}"
-    return args
+    batch_size: int = param(8)
+    n_per_prompt: int = param(200, "synthetic images per prompt and checkpoint", project=True)
+    prompts: str = param("data", "as the pipeline's --prompts", choices=["disease", "data"], project=True)
+    num_inference_steps: int = param(10)
+    classifier: str = param("small_cnn", choices=CLASSIFIERS)
+    epochs: int = param(8, project=True)
+    seed: int = param(0, "fine-tuning, generation and classifier seed (every trial)", project=True)
+    sampler_seed: int = param(-1, "TPE sampler seed; -1 = a fresh one per worker (workers with one seed propose "
+                              "the same trials)")
+    objective: str = param("auc", "what judges a checkpoint: auc = valid-split macro AUC of a classifier trained "
+                           "on its images; adherence = their prompt adherence under a real-trained classifier "
+                           "(seconds)", choices=sorted(OBJECTIVES), project=True)
+    pruner: str = param("median", choices=["median", "none"], project=True)
+    n_startup_trials: int = param(2, "trials finished before pruning starts")
+    heartbeat_interval: int = param(60, "seconds between a running trial's heartbeats", key=False)
+    grace_period: int = param(0, "seconds without heartbeat before a trial counts as dead (0 = 2 x "
+                              "heartbeat_interval)", key=False)
+    max_retry: int = param(1, "times a dead worker's trial is queued again", key=False)
+    register: bool = param(True, "register the best trial's checkpoint", project=True, key=False)
+    promote: bool = param(False, "then give it the 'champion' alias if it beats the current one "
+                          "(registry.promote)", key=False)
+    threads: int = param(0, "torch CPU threads for generate/classify (0 = default)", key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+    # --objective adherence: the classify run whose real-trained classifier judges (set by run())
+    adherence_classifier_run: str = dataclasses.field(default="", init=False)
+
+    def check(self) -> None:
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ConfigError(f"need 0 < lr_min <= lr_max, got {self.lr_min} and {self.lr_max}")
+        if self.eval_every < 1 or self.steps_min < self.eval_every or self.steps_max < self.steps_min:
+            raise ConfigError(f"need 1 <= eval_every <= steps_min <= steps_max, got {self.eval_every}, "
+                              f"{self.steps_min}, {self.steps_max}")
+        if self.steps_min % self.eval_every or self.steps_max % self.eval_every:
+            raise ConfigError(f"steps_min ({self.steps_min}) and steps_max ({self.steps_max}) must be multiples of "
+                              f"eval_every ({self.eval_every}): every trial ends on a judged checkpoint")
+        self.at_least(1, "n_trials", "heartbeat_interval", "batch_size", "n_per_prompt", "num_inference_steps",
+                      "epochs")
+        self.not_negative("max_retry", "grace_period", "threads", "timeout")
+        if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", self.storage):
+            raise ConfigError(f"--storage {tracking.redact_url(self.storage)!r}: expected an SQLAlchemy URL, "
+                              "sqlite:///FILE or postgresql://...")
+        try:
+            DataSpec.parse(self.data)  # an unknown format fails here, not in the first trial
+        except ValueError as err:
+            raise ConfigError(f"--data: {err}") from None
+        data = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.data).strip("_")
+        suffix = "" if self.objective == "auc" else f"-{self.objective}"  # a study has one objective
+        self.study_name = self.study_name or f"{self.arm}-{data}{suffix}"
+
+
+def parse_args(argv=None) -> TuneConfig:
+    return parse(TuneConfig, argv, prog="python -m harness.tune")
+
+
+# ------------------------------------------------------------------------ the steps of a trial
+
+def finetune_config(args: TuneConfig, learning_rate: float, steps: int) -> finetune.FinetuneConfig:
+    return finetune.FinetuneConfig(arm=args.arm, data=args.data, pretrained_model=args.pretrained_model,
+                                   steps=steps, learning_rate=learning_rate, batch_size=args.batch_size,
+                                   seed=args.seed, checkpoint_every=args.eval_every,
+                                   # one row of sample images per checkpoint, drawn like the judged ones
+                                   grid_seeds=1, grid_steps=args.num_inference_steps)
+
+
+def generate_config(args: TuneConfig, finetune_run: str, step: int) -> generate.GenerateConfig:
+    return generate.GenerateConfig(run_id=finetune_run, step=step, n_per_prompt=args.n_per_prompt,
+                                   prompts=args.prompts, num_inference_steps=args.num_inference_steps,
+                                   seed=args.seed, threads=args.threads)
+
+
+def classify_config(args: TuneConfig, train: str, test_split: str = "test") -> classify.ClassifyConfig:
+    return classify.ClassifyConfig(train=train, test=args.data, test_split=test_split, model=args.classifier,
+                                   epochs=args.epochs, seed=args.seed, threads=args.threads)
 
 
 # ----------------------------------------------------------------------------------- storage
@@ -248,21 +277,16 @@ def score_checkpoint(args, finetune_run: str, step: int) -> tuple[float, str, st
     AUC on the real VALID split of a classifier trained on them, or their mean prompt adherence
     under ``args.adherence_classifier_run``. Returns the value, the generate and the classify run
     id (None for adherence: no classifier is trained)."""
-    threads = ["--threads", str(args.threads)] if args.threads else []
-    gen = generate.main(["--run_id", finetune_run, "--step", str(step), "--n_per_prompt", str(args.n_per_prompt),
-                         "--prompts", args.prompts, "--num_inference_steps", str(args.num_inference_steps), "--seed", str(args.seed),
-                         *threads])
-    synthetic = generate.generated_spec(gen)  # a URI: any worker reads it
+    generated = generate.run(generate_config(args, finetune_run, step))
+    gen, synthetic = generated.run_id, generated.artifacts["data"]  # a URI: any worker reads it
     if args.objective == "adherence":
         adherence = nan_mean(checks.prompt_adherence(classifier_from_run(args.adherence_classifier_run), local_spec(synthetic)))
         if not math.isfinite(adherence):
             raise ValueError(f"prompt adherence of {synthetic} is {adherence}: no finding is both named and not "
                              "named by its prompts; generate more images")
         return adherence, gen, None
-    judged = classify.main(["--train", synthetic, "--test", args.data, "--test_split", "valid",
-                            "--model", args.classifier, "--epochs", str(args.epochs), "--seed", str(args.seed),
-                            *threads])
-    auc = MlflowClient().get_run(judged).data.metrics.get("auc_macro", math.nan)
+    result = classify.run(classify_config(args, synthetic, test_split="valid"))
+    judged, auc = result.run_id, result.metrics.get("auc_macro", math.nan)
     if not math.isfinite(auc):
         raise ValueError(f"macro AUC on the valid split of {args.data} is {auc} (classify run {judged}): "
                          "no label has both classes there; use a larger valid split")
@@ -303,13 +327,7 @@ def make_objective(args, study_run_id: str):
                     return True  # finetune stops here; its run FINISHES at this step
                 return False
 
-            finetune_run = finetune.main(
-                ["--arm", args.arm, "--data", args.data, "--pretrained_model", args.pretrained_model,
-                 "--steps", str(steps), "--learning_rate", repr(learning_rate), "--batch_size", str(args.batch_size),
-                 "--seed", str(args.seed), "--checkpoint_every", str(args.eval_every),
-                 # one row of sample images per checkpoint, drawn like the judged ones
-                 "--grid_seeds", "1", "--grid_steps", str(args.num_inference_steps)],
-                on_checkpoint=on_checkpoint)
+            finetune_run = finetune.run(finetune_config(args, learning_rate, steps), on_checkpoint).run_id
             mlflow.set_tag(TAG + "finetune_run", finetune_run)
             trial.set_user_attr("finetune_run", finetune_run)
             seconds = time.perf_counter() - start
@@ -332,22 +350,22 @@ def make_objective(args, study_run_id: str):
 # ----------------------------------------------------------------------------------- the study
 
 
-def main(argv=None) -> str:
-    """Run this worker's share of the study (until ``--n_trials`` trials exist in it); returns the
-    MLflow run id of this worker's study run."""
-    args = parse_args(argv)
+def run(config: TuneConfig) -> tracking.StepResult:
+    """Run this worker's share of the study (until ``--n_trials`` trials exist in it); the result
+    is this worker's study run."""
+    args = config
     with tracking.tracked_run(f"tune-{args.study_name}", args.experiment,
                               tags={"harness.entry_point": "tune", TAG + "study": args.study_name,
-                                    TAG + "storage": tracking.redact_url(args.storage)}) as run:
-        _refuse_logged_password(args, run.info.run_id)
+                                    TAG + "storage": tracking.redact_url(args.storage)}) as active:
+        _refuse_logged_password(args, active.info.run_id)
         tracking.log_params({k: tracking.redact_url(v) if k == "storage" else v
-                             for k, v in vars(args).items() if k != "experiment"})
+                             for k, v in args.params().items() if k != "experiment"})
         study = reach_storage(args)
         check_trial_inputs(args)
         if args.objective == "adherence":
             args.adherence_classifier_run = adherence_classifier(study, args)
         start, ran = time.perf_counter(), 0
-        objective = _recording_errors(make_objective(args, run.info.run_id))
+        objective = _recording_errors(make_objective(args, active.info.run_id))
         callbacks = [TrialRunCallback(OBJECTIVES[args.objective])]
         # One trial per optimize call, checking the budget first: Optuna's MaxTrialsCallback checks
         # after a trial and counts only finished ones, so parallel workers would overshoot.
@@ -362,9 +380,18 @@ def main(argv=None) -> str:
             ran += 1
         hours = (time.perf_counter() - start) / 3600
         mlflow.log_metrics({"worker_trials": ran, "trials_per_hour": ran / hours if hours > 0 else 0.0})
-        summarize(study, args)
+        best = summarize(study, args)
+        if best is not None:
+            test_run = evaluate_best(study, best, args)
+            if args.register:
+                register_best(best, test_run, args.promote)
         fail_if_none_completed(study)
-        return run.info.run_id
+    return tracking.StepResult.of(active.info.run_id, trials="trials.csv")
+
+
+def main(argv=None) -> str:
+    """The command line's entry: returns the MLflow run id of this worker's study run."""
+    return run(parse_args(argv)).run_id
 
 
 class StudyFailed(RuntimeError):
@@ -418,12 +445,7 @@ def _recording_errors(objective):
             return objective(trial)
         except optuna.TrialPruned:
             raise
-        except SystemExit as exit_:  # a step's parser refused the trial's values: that trial fails, not the worker
-            error = ValueError(f"a step refused trial {trial.number}'s arguments (exit status {exit_.code}; "
-                               "its parser's message is above)")
-            trial.set_user_attr("error", str(error))
-            raise error from None
-        except Exception as err:
+        except Exception as err:  # a step's ConfigError included: that trial fails, not the worker
             trial.set_user_attr("error", tracking.redact_url(f"{type(err).__name__}: {err}")[:2000])
             raise
 
@@ -452,17 +474,15 @@ def adherence_classifier(study: optuna.Study, args) -> str:
     model selection on the valid split; the test AUC it logs is not used by the study)."""
     run_id = study.user_attrs.get("adherence_classifier_run")
     if run_id is None:
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        run_id = classify.main(["--train", args.data, "--test", args.data, "--model", args.classifier,
-                                "--epochs", str(args.epochs), "--seed", str(args.seed), *threads])
+        run_id = classify.run(classify_config(args, args.data)).run_id
         study.set_user_attr("adherence_classifier_run", run_id)
     mlflow.set_tag(TAG + "adherence_classifier_run", run_id)
     return run_id
 
 
-def summarize(study: optuna.Study, args) -> None:
-    """The study so far on this worker's run: counts, best trial, pruning savings, plots; and,
-    once no trial is running any more, the best trial scored once on the test split."""
+def summarize(study: optuna.Study, args) -> optuna.trial.FrozenTrial | None:
+    """The study so far on this worker's run: counts, best trial, pruning savings, plots. Returns
+    the best trial once no trial is running any more (it is then scored once on the test split)."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name.lower(): sum(t.state == state for t in trials)
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
@@ -482,7 +502,7 @@ def summarize(study: optuna.Study, args) -> None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         log.info("no trial completed yet")
-        return
+        return None
     best = study.best_trial
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
     name = OBJECTIVES[args.objective]
@@ -492,10 +512,8 @@ def summarize(study: optuna.Study, args) -> None:
     if counts["running"]:
         log.info(f"{counts['running']} trial(s) still running: the last worker to finish scores the best "
               "trial on the test split")
-        return
-    test_run = evaluate_best(study, best, args)
-    if args.register:
-        register_best(best, test_run, args.promote)
+        return None
+    return best
 
 
 def evaluate_best(study: optuna.Study, best, args) -> str:
@@ -506,9 +524,7 @@ def evaluate_best(study: optuna.Study, best, args) -> str:
     else:
         gen = best.user_attrs["generate_runs"][str(best.params["steps"])]
         synthetic = generate.generated_spec(gen)  # a URI: any worker reads it
-        threads = ["--threads", str(args.threads)] if args.threads else []
-        test_run = classify.main(["--train", synthetic, "--test", args.data, "--model", args.classifier,
-                                  "--epochs", str(args.epochs), "--seed", str(args.seed), *threads])
+        test_run = classify.run(classify_config(args, synthetic)).run_id
         study.set_user_attr("test_evaluation", {"trial": best.number, "classify_run": test_run})
     metrics = MlflowClient().get_run(test_run).data.metrics
     mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if k.startswith(("auc_", "acc_"))

@@ -177,7 +177,7 @@ def test_labels_without_metric_names_are_refused_before_any_step(mlflow_store, t
         Image.new("L", (16, 16), 40 * i).save(root / "img" / f"{i}.png")
         rows.append(f"img/{i}.png,{'train' if i < 2 else 'valid'},frontal,{i % 2},{1 - i % 2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    monkeypatch.setattr(finetune, "main", lambda *a, **k: pytest.fail("a fine-tune ran"))
+    monkeypatch.setattr(finetune, "run", lambda *a, **k: pytest.fail("a fine-tune ran"))
     start = time.perf_counter()
     with pytest.raises(ValueError, match="do not give distinct metric names"):
         pipeline.main(["--data", f"folder:{root}", "--jobs", "1"])

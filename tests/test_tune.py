@@ -226,7 +226,7 @@ def test_a_study_whose_every_trial_fails_ends_failed(mlflow_store, tune_phantom,
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(finetune, "main", broken)
+    monkeypatch.setattr(finetune, "run", broken)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with pytest.raises(tune.StudyFailed, match=r"no trial of study 's' completed \(2 fail\); 2 of 2 failed trial\(s\) "
                                                r"with RuntimeError: CUDA error"):
