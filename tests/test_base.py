@@ -134,7 +134,6 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
         assert key in metrics
     assert np.isfinite(metrics["unet_final_loss"]) and metrics["scaling_factor"] > 0
     assert {"vae_loss", "unet_loss", "text_identity_loss"} <= {k for _, m in logged for k in m}
-    assert -1 <= metrics["disease_prompt_max_cosine"] <= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no tmp dir left behind
     assert (out / "samples.png").is_file()
     saved = json.loads((out / "base_build.json").read_text())
@@ -143,6 +142,9 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
     assert pipe.tokenizer.model_max_length == 32
+    # the logged cosine is the saved text encoder's, on the disease prompts
+    assert metrics["disease_prompt_max_cosine"] == pytest.approx(
+        build.prompt_max_cosine(pipe.text_encoder.eval(), pipe.tokenizer), abs=1e-5)
     img = pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
@@ -167,6 +169,8 @@ def test_token_identity_loss_makes_prompts_distinct(tokenizer):
         opt.step()
     assert loss.item() < before / 4
     assert build.prompt_max_cosine(te.eval(), tokenizer) < cosine_before
+    # a prompt against itself: cosine 1
+    assert build.prompt_max_cosine(te, tokenizer, [PROMPT, PROMPT]) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
