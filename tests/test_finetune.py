@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,54 @@ def _weights(pipe_dir: Path, name: str) -> dict:
 
 def _changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class _Watch:
+    """What a fine-tune's training steps did, seen from outside the loop: the token ids each
+    training forward pass gave the text encoder (passes with gradients on; sampling grids and
+    prior images runs under no_grad), the optimizer updates made, and the logged loss."""
+
+    def __init__(self, monkeypatch):
+        import harness.pretrained
+
+        real = harness.pretrained.load_pipeline
+        self.ids: list[torch.Tensor] = []
+        self.updates = 0
+
+        def record(module, args, kwargs):
+            if torch.is_grad_enabled():
+                self.ids.append((args[0] if args else kwargs["input_ids"]).detach().cpu().clone())
+
+        def load(*args, **kwargs):
+            pipe = real(*args, **kwargs)
+            pipe.text_encoder.register_forward_pre_hook(record, with_kwargs=True)
+            return pipe
+
+        monkeypatch.setattr(harness.pretrained, "load_pipeline", load)
+
+    def run(self, *argv, **kwargs) -> dict:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.ids, self.updates = [], 0
+
+        def count(optimizer, args, kwargs):
+            self.updates += 1
+
+        handle = register_optimizer_step_post_hook(count)
+        try:
+            run_id = finetune.main(list(argv), arm=kwargs.pop("arm", "dreambooth"), **kwargs)
+        finally:
+            handle.remove()
+        losses = [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+        return {"run_id": run_id, "ids": self.ids, "updates": self.updates, "loss": losses}
+
+
+def _token_ids(pipe_dir: Path, prompt: str) -> torch.Tensor:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(pipe_dir, subfolder="tokenizer")
+    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids[0]
 
 
 @pytest.mark.parametrize("arm", sorted(finetune.ARMS))
@@ -130,15 +179,22 @@ def test_bad_pretrained_model_fails_the_run_cleanly(bad, message, mlflow_store, 
     assert run.info.status == "FAILED"
 
 
-def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
-    out = tmp_path / "out"
-    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth")
+def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path,
+                                                   monkeypatch):
+    out, watch = tmp_path / "out", _Watch(monkeypatch)
+    # unfinished: stopped at its step-2 checkpoint of 4, so the folder holds a resumable state
+    first = watch.run(*_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2), on_checkpoint=lambda step, run_id: True)
+    assert first["updates"] == 2
     with pytest.raises(ValueError, match="holds a run with other parameters"):
-        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4"),
+        finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2, "--learning_rate", "3e-4"),
                       arm="dreambooth")
-    # --resume never overwrites it
-    finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2, "--learning_rate", "3e-4", "--resume", "never"),
-                  arm="dreambooth")
+    # --resume never overwrites it: all 4 steps trained from the pretrained weights, nothing resumed
+    again = watch.run(*_args(tiny_phantom, tiny_pipeline_dir, out, 4, 2, "--learning_rate", "3e-4",
+                             "--resume", "never"))
+    tags = MlflowClient().get_run(again["run_id"]).data.tags
+    assert "harness.resumed_from" not in tags and "harness.resumed_at_step" not in tags
+    assert again["updates"] == 4 and len(again["loss"]) == 4
+    assert json.loads((out / "run.json").read_text())["run_id"] == again["run_id"]
 
 
 def test_rerun_of_a_finished_run_trains_again(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
@@ -170,14 +226,33 @@ def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, t
     assert "harness.checkpoint.000002" in run.data.tags
 
 
-def test_prior_preservation_and_gradient_accumulation(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
-    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2, "--prior_preservation",
-                                 "--num_class_images", "4", "--gradient_accumulation_steps", "2"),
-                           arm="dreambooth")
-    client = MlflowClient()
-    assert client.get_run(run_id).info.status == "FINISHED"
-    # steps count optimizer updates: 2 steps x 2 accumulated batches
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+def test_gradient_accumulation(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path, monkeypatch):
+    watch = _Watch(monkeypatch)
+    run = watch.run(*_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2,
+                           "--gradient_accumulation_steps", "2"))
+    assert MlflowClient().get_run(run["run_id"]).info.status == "FINISHED"
+    # steps count optimizer updates: 2 steps x 2 accumulated batches, one update per step
+    assert [m.step for m in MlflowClient().get_metric_history(run["run_id"], "loss")] == [1, 2]
+    assert len(run["ids"]) == 4 and run["updates"] == 2
+    plain = watch.run(*_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "plain", 2, 2))
+    assert len(plain["ids"]) == 2 and plain["updates"] == 2
+
+
+def test_prior_preservation_adds_the_class_prompt_and_its_weighted_loss(mlflow_store, tiny_phantom,
+                                                                       tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Each step also trains on the base's own class-prompt images; the loss is the instance loss
+    + prior_loss_weight x the prior loss (the same draws at step 1 for every weight, so the
+    step-1 loss is linear in the weight)."""
+    watch, class_ids = _Watch(monkeypatch), _token_ids(tiny_pipeline_dir, "a photo")
+    runs = {w: watch.run(*_args(tiny_phantom, tiny_pipeline_dir, tmp_path / f"w{w}", 1, 1, "--prior_preservation",
+                                "--num_class_images", "4", "--prior_loss_weight", str(w)))
+            for w in (0, 1, 2)}
+    (ids,) = runs[1]["ids"]
+    assert ids.shape[0] == 2 * 4  # the batch of 4, then 4 class images
+    assert (ids[4:] == class_ids).all() and not (ids[:4] == class_ids).all(dim=1).any()
+    loss = {w: run["loss"][0] for w, run in runs.items()}
+    assert loss[1] - loss[0] > 1e-4  # the prior's loss counts ...
+    assert loss[2] - loss[1] == pytest.approx(loss[1] - loss[0], rel=1e-3)  # ... times its weight
 
 
 def test_missing_image_fails_clearly_or_is_skipped_and_counted(mlflow_store, tiny_phantom, tiny_pipeline_dir,
@@ -202,7 +277,7 @@ def test_missing_image_fails_clearly_or_is_skipped_and_counted(mlflow_store, tin
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_missing_images"] == 1
 
 
-def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--arm", "dreambooth", "--caption_dropout", "1.0"])
     with pytest.raises(SystemExit):
@@ -211,9 +286,28 @@ def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pi
     assert args.caption_dropout == 0.1 and args.snr_gamma == 5.0  # the measured defaults
     # both change what is learned: a different run key (resume identity)
     assert finetune.run_key(args) != finetune.run_key(finetune.parse_args(["--arm", "dreambooth", "--snr_gamma", "0"]))
-    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2, "--caption_dropout", "0.5",
-                                 "--snr_gamma", "0"), arm="dreambooth")
-    assert MlflowClient().get_run(run_id).data.params["caption_dropout"] == "0.5"
+
+    watch, empty = _Watch(monkeypatch), _token_ids(tiny_pipeline_dir, "")
+
+    def run(name, dropout, gamma, steps=2):
+        return watch.run(*_args(tiny_phantom, tiny_pipeline_dir, tmp_path / name, steps, steps,
+                                "--caption_dropout", str(dropout), "--snr_gamma", str(gamma)))
+
+    def dropped(result):
+        rows = torch.cat(result["ids"])
+        return int((rows == empty).all(dim=1).sum()), len(rows)
+
+    # caption dropout: some of the 8 training prompts become the empty prompt; none without it
+    half = run("dropout", 0.5, 0)
+    assert MlflowClient().get_run(half["run_id"]).data.params["caption_dropout"] == "0.5"
+    n, of = dropped(half)
+    assert of == 8 and 0 < n < of
+    plain = run("plain", 0, 0)
+    assert dropped(plain) == (0, 8)
+    # min-SNR: each image's loss x min(SNR, gamma) / SNR (epsilon prediction), same draws at step 1;
+    # a gamma above every timestep's SNR weighs 1, a small one weighs high-SNR timesteps down
+    assert run("gamma_large", 0, 1e4)["loss"][0] == pytest.approx(plain["loss"][0], rel=1e-6)
+    assert run("gamma_small", 0, 0.05)["loss"][0] < 0.9 * plain["loss"][0]
 
 
 def test_latent_cache_samples_the_vae_posterior(tiny_pipeline_dir):
