@@ -84,6 +84,10 @@ class StepConfig:
     """Base of every step's config: checked on construction, so a config that exists is valid."""
 
     def __post_init__(self):
+        for f in self.options():  # the command line checks choices too; a config made in code must as well
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name} {getattr(self, f.name)!r}: choose one of {', '.join(choices)}")
         self.check()
 
     def check(self) -> None:
