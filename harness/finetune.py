@@ -21,6 +21,7 @@ import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -108,6 +109,8 @@ class FinetuneConfig(StepConfig):
     output_dir: str | None = param(None, "default: outputs/<arm>-<parameter hash>", key=False)
     resume: str = param("auto", choices=["auto", "never"], key=False)
     experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+    launcher: str = param("", "run as `<launcher> -m harness.finetune ...`, e.g. 'accelerate launch --num_processes 8' "
+                          "(data parallel); empty = in this process", key=False)
 
     def check(self) -> None:
         # Everything that can be checked before a model loads is checked here, so a typo fails at once.
@@ -142,15 +145,252 @@ def run(config: FinetuneConfig, on_checkpoint=None) -> tracking.StepResult:
     ``on_checkpoint(step, run_id) -> bool``, called after each checkpoint is logged, may end
     training early by returning True: the run then FINISHES at that step, tagged
     ``harness.stopped_early``. Hyperparameter tuning (``harness.tune``) judges checkpoints and
-    prunes through it."""
+    prunes through it.
+
+    With ``config.launcher`` the job runs in a subprocess of that launcher (``launch``). Started
+    by a launcher in several processes (``accelerate launch``: data parallel), only the main one
+    locks the output folder and opens the MLflow run; the others get its id, and a failure that
+    all of them see (a NaN loss, an error of the main process while the others wait on it) ends
+    the run once and then every process."""
+    if config.launcher:
+        return launch(config, on_checkpoint)
     key = run_key(config)
     out = Path(config.output_dir or Path(os.environ.get("HARNESS_OUTPUT_DIR", "outputs")) / f"{config.arm}-{key}")
-    with _locked(out) as lock, tracking.tracked_run(f"{config.arm}", config.experiment,
-                                                    tags={"harness.arm": config.arm, "harness.run_key": key}) as active:
-        lock.holder(active.info.run_id)
-        tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
-        train(config, key, out, active.info.run_id, on_checkpoint)
-    return result(active.info.run_id)
+    state = _processes()
+    control = _Control.from_env()
+    if control is not None and on_checkpoint is None and control.wants_checkpoints():
+        on_checkpoint = control.on_checkpoint  # the launching process judges each checkpoint
+    try:
+        with tracking.sigterm_raises(), contextlib.ExitStack() as stack:
+            def open_run() -> str:
+                lock = stack.enter_context(_locked(out))
+                tags = {"harness.arm": config.arm, "harness.run_key": key}
+                if os.environ.get(LAUNCHER_ENV):
+                    tags["harness.launcher"] = os.environ[LAUNCHER_ENV]
+                active = stack.enter_context(tracking.tracked_run(f"{config.arm}", config.experiment, tags=tags))
+                lock.holder(active.info.run_id)
+                if control is not None:
+                    control.started(active.info.run_id)
+                tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
+                return active.info.run_id
+
+            run_id = _from_main(state, open_run)
+            train(config, key, out, run_id, on_checkpoint)
+    except BaseException as err:
+        if state.num_processes > 1 and getattr(err, _AGREED, False):
+            state.wait_for_everyone()  # every process raised it: exit once the main one has ended the run
+        raise
+    return result(run_id) if state.is_main_process else tracking.StepResult(run_id)
+
+
+# --- several processes ----------------------------------------------------------------------
+# Under `accelerate launch` the main process may log a checkpoint (and tune may judge it) while the
+# others wait in a collective: the process group's timeout must outlast that.
+DDP_TIMEOUT_S = float(os.environ.get("HARNESS_DDP_TIMEOUT_S", 4 * 3600))
+_AGREED = "_harness_every_process"  # set on an exception that every process raises at the same point
+
+
+def _processes():
+    """The launcher's processes (accelerate's ``PartialState``; one without a launcher). It makes the
+    process group, before the run opens, so the run id can be handed to every process."""
+    import datetime
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun starts each worker in a session of its own: without this, a launcher killed
+        # with -9 leaves its workers training, holding the output folder and their run
+        _sigterm_at_parent_death()
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                        timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
+
+
+class MainProcessError(RuntimeError):
+    """Raised by the other processes when the main process failed at a point they waited on."""
+
+
+def _agreed(err: BaseException) -> BaseException:
+    setattr(err, _AGREED, True)
+    return err
+
+
+def _from_main(state, fn):
+    """``fn()`` run by the main process, its result handed to every process
+    (``broadcast_object_list``). If it fails, every process raises (the others a
+    ``MainProcessError`` with the main's error), so none waits for ever on a dead one."""
+    if state.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if state.is_main_process:
+        try:
+            box = [(True, fn(), False)]
+        except BaseException as err:
+            agreed = isinstance(err, Exception)  # not a signal or Ctrl-C, which the others see themselves
+            broadcast_object_list([(False, f"{type(err).__name__}: {err}", agreed)])
+            raise _agreed(err) if agreed else err
+    broadcast_object_list(box)
+    ok, value, agreed = box[0]
+    if not ok:
+        err = MainProcessError(f"the main process failed: {value}")
+        raise _agreed(err) if agreed else err
+    return value
+
+
+# --- a launcher -------------------------------------------------------------------------------
+CONTROL_ENV = "HARNESS_FINETUNE_CONTROL"  # set by launch(): the folder its subprocess reports to
+LAUNCHER_ENV = "HARNESS_FINETUNE_LAUNCHER"  # the launcher's command, tagged on the run
+
+
+class LaunchError(RuntimeError):
+    """A fine-tune started through a launcher failed."""
+
+
+class _Control:
+    """The folder through which a launched fine-tune's main process tells the launching process
+    its run id (``run.json``) and each checkpoint (``checkpoint_<step>.json``), and waits for
+    its verdict on each (``verdict_<step>.json``: stop, go on, or the launcher's error)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @classmethod
+    def from_env(cls) -> "_Control | None":
+        return cls(os.environ[CONTROL_ENV]) if os.environ.get(CONTROL_ENV) else None
+
+    def _write(self, name: str, data: dict) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.rename(self.path / name)  # atomic: the reader never sees half a file
+
+    def _read(self, name: str) -> dict | None:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # the launching process
+    def prepare(self, wants_checkpoints: bool) -> None:
+        import psutil
+
+        self._write("parent.json", {"pid": os.getpid(), "started": psutil.Process().create_time(),
+                                    "checkpoints": wants_checkpoints})
+
+    def run_id(self) -> str | None:
+        return (self._read("run.json") or {}).get("run_id")
+
+    def pending(self) -> list[tuple[int, str]]:
+        """Checkpoints reported and not answered yet: (step, run id)."""
+        found = [self._read(p.name) for p in sorted(self.path.glob("checkpoint_*.json"))]
+        return [(c["step"], c["run_id"]) for c in found if c and not (self.path / f"verdict_{c['step']:06d}.json").exists()]
+
+    def answer(self, step: int, verdict: dict) -> None:
+        self._write(f"verdict_{step:06d}.json", verdict)
+
+    # the launched main process
+    def wants_checkpoints(self) -> bool:
+        return bool((self._read("parent.json") or {}).get("checkpoints"))
+
+    def started(self, run_id: str) -> None:
+        self._write("run.json", {"run_id": run_id})
+
+    def on_checkpoint(self, step: int, run_id: str) -> bool:
+        parent = self._read("parent.json")
+        self._write(f"checkpoint_{step:06d}.json", {"step": step, "run_id": run_id})
+        while (verdict := self._read(f"verdict_{step:06d}.json")) is None:
+            if not tracking._process_alive(parent["pid"], parent["started"]):
+                raise LaunchError(f"the launching process {parent['pid']} is gone: no verdict on step {step}")
+            time.sleep(0.2)
+        if verdict.get("error"):
+            raise LaunchError(f"on_checkpoint failed in the launching process: {verdict['error']}")
+        return bool(verdict.get("stop"))
+
+
+def launch(config: FinetuneConfig, on_checkpoint=None) -> tracking.StepResult:
+    """Run ``config`` as ``<config.launcher> -m harness.finetune <its options>`` (e.g. ``accelerate
+    launch --num_processes 8``) and return its result, as ``run`` does in this process: its run
+    is nested under the active run, in the same experiment and tracking store, and
+    ``on_checkpoint`` is called here for each checkpoint, the fine-tune waiting for its verdict.
+    Interrupted, this process stops the launcher (SIGTERM, which it passes on to its processes);
+    if this process dies, the kernel sends the launcher SIGTERM."""
+    import shlex
+    import subprocess
+    import sys
+    import tempfile
+
+    command = shlex.split(config.launcher)
+    beside = Path(sys.executable).parent / command[0]  # .venv/bin/accelerate, the venv not activated
+    if not shutil.which(command[0]) and beside.is_file():
+        command[0] = str(beside)
+    argv = [*command, "-m", "harness.finetune", *config.replace(launcher="").to_argv()]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # under `mlflow run`: the caller's run
+    root = str(Path(__file__).resolve().parents[1])
+    env.update({"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), LAUNCHER_ENV: config.launcher,
+                "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
+    if (active := mlflow.active_run()) is not None:
+        env.update({tracking.PARENT_RUN_ENV: active.info.run_id, "MLFLOW_EXPERIMENT_ID": active.info.experiment_id})
+    failure = None
+    with tempfile.TemporaryDirectory(prefix="harness-launch-") as folder:
+        control = _Control(folder)
+        control.prepare(on_checkpoint is not None)
+        env[CONTROL_ENV] = folder
+        log.info("launching %s", shlex.join(argv))
+        proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_sigterm_at_parent_death)
+        try:
+            while True:
+                ended = proc.poll() is not None
+                for step, run_id in control.pending():
+                    if failure is not None:  # an earlier verdict failed: the fine-tune is ending
+                        control.answer(step, {"error": "an earlier on_checkpoint failed"})
+                        continue
+                    try:
+                        control.answer(step, {"stop": bool(on_checkpoint(step, run_id))})
+                    except Exception as err:
+                        failure = err
+                        control.answer(step, {"error": f"{type(err).__name__}: {err}"})
+                if ended:
+                    break
+                time.sleep(0.2)
+        except BaseException:
+            _stop(proc)
+            raise
+        run_id = control.run_id()
+    if failure is not None:
+        raise failure
+    if proc.returncode != 0:
+        error = run_id and mlflow.tracking.MlflowClient().get_run(run_id).data.tags.get(tracking.TAG_ERROR)
+        message = (f"`{shlex.join(argv[:len(command) + 2])} ...` exited with status {proc.returncode}"
+                   + (f" (MLflow run {run_id}): {error}" if error else f" (MLflow run {run_id})" if run_id
+                      else ": no run was started (its output says why)"))
+        raise (NonFiniteLossError if error and error.startswith("NonFiniteLossError") else LaunchError)(message)
+    if run_id is None:
+        raise LaunchError(f"`{config.launcher}` exited 0 but no fine-tune run was started: is it a launcher "
+                          "that runs `-m harness.finetune`?")
+    return result(run_id)
+
+
+def _sigterm_at_parent_death() -> None:  # in the launcher's process before it runs, and in its workers
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc, wait_s: float = 60.0) -> None:
+    """SIGTERM to the launcher's process group (its processes end their run KILLED), then SIGKILL."""
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def result(run_id: str) -> tracking.StepResult:
@@ -224,8 +464,9 @@ def _accelerator(args):
                        project_config=ProjectConfiguration(project_dir=None))
 
 
-def _data(args, tokenizer, resolution: int):
-    spec = DataSpec.parse(local_spec(args.data))  # an MLflow artifact URI -> its local folder
+def _data(args, tokenizer, resolution: int, data: str | None = None):
+    """``data``: ``args.data`` through ``local_spec`` (an MLflow artifact URI -> its local folder)."""
+    spec = DataSpec.parse(data or local_spec(args.data))
     labels = args.labels.split(",") if args.labels else None
     table = load_table(spec, split="train", views=args.views, uncertain=args.uncertain, labels=labels,
                        skip_bad=args.skip_bad)
@@ -296,6 +537,11 @@ def _loop(loader, first_epoch):
 
 
 def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
+    """The loop, in each of the launcher's processes (one without a launcher). Every process
+    trains on its own shard of each epoch with its own noise; the prepared (DDP) modules average
+    the gradients, so the weights stay the same everywhere. Only the main process touches MLflow
+    and writes the checkpoint's pipeline; what it decides (the pretrained source, the checkpoint to
+    resume, an early stop) reaches the others through ``_from_main`` and accelerate's triggers."""
     from diffusers.optimization import get_scheduler
     from diffusers.utils import make_image_grid
 
@@ -303,11 +549,16 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     from registry.pyfunc import log_pipeline
 
     accelerator = _accelerator(args)
-    torch.manual_seed(args.seed)
+    main, n_procs = accelerator.is_main_process, accelerator.num_processes
+    torch.manual_seed(args.seed + accelerator.process_index)  # each process its own noise and timesteps
 
     # --- models ------------------------------------------------------------------------------
-    pipe = load_pipeline(args.pretrained_model)
-    mlflow.set_tag("harness.pretrained_source", resolve(args.pretrained_model))
+    # The main process resolves the model (a registry download lands in the cache once); the others
+    # load its local copy, or resolve it themselves on a host that does not see that path.
+    source = _from_main(accelerator, lambda: resolve(args.pretrained_model))
+    pipe = load_pipeline(args.pretrained_model if main or not Path(source).exists() else source)
+    if main:
+        mlflow.set_tag("harness.pretrained_source", source)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     from diffusers import DDPMScheduler
 
@@ -331,96 +582,180 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
         module.to(accelerator.device, **frozen_dtype)  # frozen modules in half precision when mixed
 
     # --- data --------------------------------------------------------------------------------
-    spec, table, labels, dataset = _data(args, tokenizer, resolution)
-    tracking.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
-                       context="training")
-    mlflow.log_dict(summarize(table), "data/summary.json")
-    tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset)})
+    data = _from_main(accelerator, lambda: local_spec(args.data))  # an MLflow artifact URI -> its local folder
+    if not main and DataSpec.parse(data).path is not None and not DataSpec.parse(data).path.exists():
+        data = local_spec(args.data)  # another host: its own copy
+    spec, table, labels, dataset = _data(args, tokenizer, resolution, data)
+    global_batch = args.batch_size * args.gradient_accumulation_steps * n_procs
+
+    def log_data():
+        tracking.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
+                           context="training")
+        mlflow.log_dict(summarize(table), "data/summary.json")
+        tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset), "num_processes": n_procs,
+                             "global_batch_size": global_batch})
+
+    _from_main(accelerator, log_data)
     latent_cache = None
     if args.num_workers == 0 and dataset.images.preload():  # fits in memory: so do its latents
         latent_cache = LatentCache(dataset, vae, vae.config.scaling_factor)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {args.batch_size}")
     prior = _class_images(pipe, args, resolution, accelerator) if args.prior_preservation else None
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                           return_tensors="pt").input_ids[0]
 
     params = [p for m in trained.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.steps)
+    # The prepared scheduler steps once per process at each optimizer step (accelerate's default,
+    # split_batches=False: each process adds a batch), so its warmup and length count that many.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * n_procs,
+                                 num_training_steps=args.steps * n_procs)
     prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     models, (optimizer, loader, lr_scheduler) = prepared[: len(trained)], prepared[len(trained):]
-    emas = _emas(trained, args, accelerator)
+    if len(loader) == 0:  # the prepared loader: this process's share of the batches
+        raise _agreed(ValueError(f"{len(dataset)} training images are fewer than one batch of {args.batch_size}"
+                                 + (f" per process ({n_procs} processes)" if n_procs > 1 else "")))
+    # The forward pass goes through the prepared modules (under DDP, their backward all-reduces
+    # the gradients); the frozen ones are used as they are.
+    forward = {"unet": unet, "text_encoder": text_encoder, **dict(zip(trained, models))}
+    emas = _emas(trained, args, accelerator) if main else []  # only the main process saves and draws them
 
     # --- resume ------------------------------------------------------------------------------
     step = _resume(args, key, out, run_id, accelerator, emas, resolution)
-    batches = _loop(loader, accelerator.skip_first_batches(loader, step % len(loader)) if step else loader)
-    metrics = tracking.MetricBuffer(run_id, flush_every=args.log_every)
+    # Batches of this epoch already trained on, in every process's loader: each optimizer step
+    # took gradient_accumulation_steps of them, but an epoch's last step ends at its last batch
+    # (accelerate syncs there), so an epoch is ceil(len / accumulation) steps.
+    accumulation = args.gradient_accumulation_steps
+    skip = step % math.ceil(len(loader) / accumulation) * accumulation
+    batches = _loop(loader, accelerator.skip_first_batches(loader, skip) if skip else loader)
+    metrics = tracking.MetricBuffer(run_id, flush_every=args.log_every) if main else _NoMetrics()
     grid_prompts = disease_prompts(labels, **({"template": args.template} if args.template else {}))
     grids = []
+    debug = _Debug.from_env(accelerator)
 
     # --- steps -------------------------------------------------------------------------------
     unet_dtype = unet.dtype  # a property that walks the module tree: read once, not every step
-    progress = tqdm(total=args.steps, initial=step, desc=f"{args.arm}", disable=not accelerator.is_main_process)
+    progress = tqdm(total=args.steps, initial=step, desc=f"{args.arm}", disable=not main)
     window_start, window_images = time.perf_counter(), 0
     while step < args.steps:
         batch = next(batches)
+        debug.batch(batch)
         with accelerator.accumulate(*models):
-            loss = _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype, unet_dtype,
-                         latent_cache, empty_ids)
-            if not torch.isfinite(loss):
+            loss = _loss(batch, prior, args, vae, forward["unet"], forward["text_encoder"], noise_scheduler,
+                         weight_dtype, unet_dtype, latent_cache, empty_ids)
+            loss = debug.inject(loss, step + 1)
+            # every process's loss (one all-gather): a NaN on any of them stops all of them here
+            losses = accelerator.gather(loss.detach()[None]) if n_procs > 1 else loss.detach()[None]
+            if not torch.isfinite(losses).all():
                 metrics.flush()
                 last = _checkpoints(out)
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step + 1} (learning_rate={args.learning_rate}); stopped. "
-                    f"Last good checkpoint: {last[-1] if last else 'none (no checkpoint was written yet)'}")
+                bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+                where = f" in process {', '.join(map(str, bad))} of {n_procs}" if n_procs > 1 else ""
+                raise _agreed(NonFiniteLossError(
+                    f"loss is {losses[bad[0]].item()} at step {step + 1}{where} (learning_rate={args.learning_rate}); "
+                    f"stopped. Last good checkpoint: {last[-1] if last else 'none (no checkpoint was written yet)'}"))
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        window_images += batch["pixel_values"].shape[0] * accelerator.num_processes
+        window_images += batch["pixel_values"].shape[0] * n_procs  # throughput counts every process
         if not accelerator.sync_gradients:
             continue
         for module, ema in emas:
             ema.step(module.parameters())
         step += 1
+        mean_loss = losses.mean().item()
+        debug.step(step, trained, mean_loss)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        row = {"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        row = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
         if step % args.log_every == 0 or step == args.steps:
             row["throughput_images_per_s"] = window_images / (time.perf_counter() - window_start)
             window_start, window_images = time.perf_counter(), 0
         metrics.log(row, step)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            metrics.flush()
-            path = _save_checkpoint(args, out, step, accelerator, pipe, emas)
-            info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
-            mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
-            mlflow.set_tag(tracking.TAG_STEP, str(step))
-            with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
-                grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
-            mlflow.log_image(grid, f"grids/step_{step:06d}.png")
-            grids.append(first)
-            for module in trained.values():
-                module.train()
-            if on_checkpoint is not None and on_checkpoint(step, run_id) and step < args.steps:
-                mlflow.set_tag("harness.stopped_early", str(step))
+            path = _save_checkpoint(args, out, step, accelerator, pipe, emas, dict(zip(trained, models)))
+
+            def publish():  # the main process logs the checkpoint and asks on_checkpoint
+                metrics.flush()
+                info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
+                mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
+                mlflow.set_tag(tracking.TAG_STEP, str(step))
+                with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
+                    grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
+                mlflow.log_image(grid, f"grids/step_{step:06d}.png")
+                grids.append(first)
+                for module in trained.values():
+                    module.train()
+                if on_checkpoint is not None and on_checkpoint(step, run_id) and step < args.steps:
+                    accelerator.set_trigger()
+
+            _from_main(accelerator, publish)
+            if accelerator.check_trigger():  # every process stops at the same step
+                if main:
+                    mlflow.set_tag("harness.stopped_early", str(step))
                 break
     progress.close()
-    metrics.flush()
-    if args.skip_bad:  # missing files (found up front) and unreadable ones (found while training)
-        mlflow.log_metrics({"skipped_missing_images": len(table.attrs.get("skipped", [])),
-                            "skipped_unreadable_images": len(dataset.images.skipped)})
-    if grids:  # the write-up's figure: checkpoints (rows) against prompts (columns)
-        mlflow.log_image(make_image_grid([im for row in grids for im in row], rows=len(grids),
-                                         cols=len(grids[0])), "grids/iterations_vs_prompts.png")
-    mlflow.log_dict({"prompts": grid_prompts}, "grids/prompts.json")
+
+    def finish():
+        metrics.flush()
+        if args.skip_bad:  # missing files (found up front) and unreadable ones (found while training)
+            mlflow.log_metrics({"skipped_missing_images": len(table.attrs.get("skipped", [])),
+                                "skipped_unreadable_images": len(dataset.images.skipped)})
+        if grids:  # the write-up's figure: checkpoints (rows) against prompts (columns)
+            mlflow.log_image(make_image_grid([im for row in grids for im in row], rows=len(grids),
+                                             cols=len(grids[0])), "grids/iterations_vs_prompts.png")
+        mlflow.log_dict({"prompts": grid_prompts}, "grids/prompts.json")
+
+    _from_main(accelerator, finish)
+
+
+class _NoMetrics:
+    """The metric buffer of a process other than the main one: it logs nothing."""
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _Debug:
+    """Test hooks, off unless their variables are set. ``HARNESS_DEBUG_DUMP=DIR``: each process
+    appends a line per optimizer step to ``DIR/process_<i>.jsonl`` (the step, the images it
+    trained on, a checksum of its trained weights, the loss). ``HARNESS_DEBUG_NAN=PROCESS:STEP``:
+    that process's loss becomes NaN at that step."""
+
+    def __init__(self, accelerator, dump: str | None, nan: str | None):
+        self.index = accelerator.process_index
+        self.dump = Path(dump) / f"process_{self.index}.jsonl" if dump else None
+        self.nan = tuple(int(x) for x in nan.split(":")) if nan else None
+        self.seen: list[int] = []
+
+    @classmethod
+    def from_env(cls, accelerator) -> "_Debug":
+        return cls(accelerator, os.environ.get("HARNESS_DEBUG_DUMP"), os.environ.get("HARNESS_DEBUG_NAN"))
+
+    def batch(self, batch) -> None:
+        if self.dump:
+            self.seen += [int(i) for i in batch["index"]]
+
+    def inject(self, loss, step: int):
+        return loss * float("nan") if self.nan == (self.index, step) else loss
+
+    def step(self, step: int, trained: dict, loss: float) -> None:
+        if not self.dump:
+            return
+        with torch.no_grad():
+            checksum = {name: float(sum(p.double().abs().sum() for p in m.parameters())) for name, m in trained.items()}
+        self.dump.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.dump, "a") as f:
+            f.write(json.dumps({"step": step, "images": self.seen, "weights": checksum, "loss": loss}) + "\n")
+        self.seen = []
 
 
 def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_dtype, unet_dtype,
@@ -526,58 +861,81 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step_[0-9]*[0-9]"))
 
 
-def _save_checkpoint(args, out: Path, step: int, accelerator, pipe, emas: list) -> Path:
+def _save_checkpoint(args, out: Path, step: int, accelerator, pipe, emas: list, prepared: dict | None = None) -> Path:
     """Accelerate state and weight averages (to resume) and a full pipeline of the averaged weights
-    (to use), written atomically."""
+    (to use), written atomically. Every process saves its part of the state (its random number
+    generators); the main one writes the rest and renames the folder into place once all have."""
     final = out / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))  # the raw weights: a resumed run continues their trajectory
-    _save_emas(emas, tmp / "state")
-    with _averaged(emas):
-        pipe.save_pretrained(tmp / "pipeline")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in _checkpoints(out)[: -args.keep_checkpoints]:  # MLflow keeps every pipeline
-        shutil.rmtree(old / "state", ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    def write_pipeline():
+        _save_emas(emas, tmp / "state")
+        # the modules as trained, unwrapped from what prepare made of them (DDP, mixed precision)
+        pipe.register_modules(**{name: accelerator.unwrap_model(model) for name, model in (prepared or {}).items()})
+        with _averaged(emas):
+            pipe.save_pretrained(tmp / "pipeline")
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in _checkpoints(out)[: -args.keep_checkpoints]:  # MLflow keeps every pipeline
+            shutil.rmtree(old / "state", ignore_errors=True)
+
+    _from_main(accelerator, write_pipeline)  # the others wait for the folder to be in place
     return final
 
 
 def _resume(args, key: str, out: Path, run_id: str, accelerator, emas: list, resolution: int) -> int:
     """Restore the newest checkpoint of an earlier run with the same parameters; return its step.
-    The caller holds the folder's lock, so the earlier run's process is gone."""
-    out.mkdir(parents=True, exist_ok=True)
+    The caller holds the folder's lock, so the earlier run's process is gone. The main process
+    chooses the checkpoint (and does the MLflow part); every process loads it."""
     meta_path = out / "run.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-    if meta and meta["run_key"] != key and args.resume == "auto":
-        raise ValueError(f"{out} holds a run with other parameters (key {meta['run_key']} != {key}); "
-                         "pass another --output_dir or --resume never")
-    if meta and meta["run_id"] != run_id:
-        _end_previous(meta["run_id"])
-    resumable = [c for c in _checkpoints(out) if (c / "state").is_dir()]
-    if resumable and json.loads((resumable[-1] / "step.json").read_text())["step"] >= args.steps:
-        resumable = []  # that run finished: a rerun trains again rather than logging an empty run
-    step = 0
-    if args.resume == "auto" and resumable and meta:
+
+    def choose() -> str | None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if meta and meta["run_key"] != key and args.resume == "auto":
+            raise ValueError(f"{out} holds a run with other parameters (key {meta['run_key']} != {key}); "
+                             "pass another --output_dir or --resume never")
+        if meta and meta["run_id"] != run_id:
+            _end_previous(meta["run_id"])
+        resumable = [c for c in _checkpoints(out) if (c / "state").is_dir()]
+        if resumable and json.loads((resumable[-1] / "step.json").read_text())["step"] >= args.steps:
+            resumable = []  # that run finished: a rerun trains again rather than logging an empty run
+        if not (args.resume == "auto" and resumable and meta):
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
+            return None
         last = resumable[-1]
         if pickles := sorted((last / "state").glob("custom_checkpoint_*")):
             # accelerate would unpickle it (weights_only=False), running any code in it
             raise ValueError(f"{pickles[0]} is a pickle that this version never writes (an older version's "
                              "weight average, or planted): not loaded. Delete it to resume without it, or "
                              "pass --resume never")
-        accelerator.load_state(str(last / "state"))
-        _load_emas(emas, last / "state")
-        step = json.loads((last / "step.json").read_text())["step"]
-        previous = meta["run_id"]
+        return str(last)
+
+    chosen = _from_main(accelerator, choose)
+    if chosen is None:
+        return 0
+    last = Path(chosen)
+    accelerator.load_state(str(last / "state"))
+    _load_emas(emas, last / "state")
+    step = json.loads((last / "step.json").read_text())["step"]
+
+    def adopt() -> None:
+        previous = json.loads(meta_path.read_text())["run_id"]
         mlflow.set_tags({"harness.resumed_from": previous, "harness.resumed_at_step": str(step)})
         if previous != run_id:
             tracking.copy_metric_history(previous, run_id, ["loss", "lr", "throughput_images_per_s"], step)
             _adopt_checkpoints(previous, out, step, resolution)
         log.info("resuming from %s (step %d) of run %s", last, step, previous)
-    else:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
+        meta_path.write_text(json.dumps({"run_key": key, "run_id": run_id}))
+
+    _from_main(accelerator, adopt)
     return step
 
 

@@ -7,6 +7,9 @@
   runs of dead processes on this host (tags ``harness.host``/``harness.pid``/``harness.started``),
   and fails the logged models they left PENDING.
 - ``MetricBuffer``: per-step metrics written in batches, so tracking costs little per step.
+- ``sigterm_raises``: SIGTERM (what a launcher such as ``accelerate launch`` sends its processes
+  when one of them fails, or when it is itself stopped) raises ``Terminated``, so the
+  ``tracked_run`` around it ends its run KILLED instead of leaving it RUNNING.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,6 +149,53 @@ def fail_pending_models(run_id: str, client: MlflowClient | None = None) -> list
     return pending
 
 
+class Terminated(BaseException):
+    """The process got SIGTERM (raised by ``sigterm_raises``). A BaseException, as KeyboardInterrupt
+    is: no ``except Exception`` swallows it."""
+
+
+_ending = 0  # > 0 while a tracked_run ends its run: a SIGTERM then waits until the run has ended
+_deferred: list[int] = []
+
+
+def _on_sigterm(signum, frame):
+    if _ending:
+        _deferred.append(signum)
+        return
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``Terminated`` in the main thread (elsewhere a signal
+    handler cannot be set: the block runs unchanged). Python runs the handler between bytecodes, so a
+    process blocked in a C call (a collective waiting on a peer) sees it when the call returns."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _ending_run() -> Iterator[None]:
+    """Hold a SIGTERM back while the run is ended (it would cut the end short and leave the run
+    RUNNING); raise it once the run has ended."""
+    global _ending
+    _ending += 1
+    try:
+        yield
+    finally:
+        _ending -= 1
+        if not _ending and _deferred:
+            signum = _deferred.pop()
+            _deferred.clear()
+            raise Terminated(f"terminated by signal {signal.Signals(signum).name} (while ending the run)")
+
+
 @contextmanager
 def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None = None,
                 nested: bool = False) -> Iterator[mlflow.ActiveRun]:
@@ -161,16 +213,24 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
                            tags={**process_tags, **(tags or {})})
     try:
         yield run
+    except Terminated as exc:
+        with _ending_run():
+            mlflow.set_tag(TAG_ERROR, str(exc))
+            mlflow.end_run("KILLED")
+        raise
     except KeyboardInterrupt:
-        mlflow.set_tag(TAG_ERROR, "interrupted")
-        mlflow.end_run("KILLED")
+        with _ending_run():
+            mlflow.set_tag(TAG_ERROR, "interrupted")
+            mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        mlflow.set_tag(TAG_ERROR, redact_url(f"{type(exc).__name__}: {exc}")[:5000])  # errors quote URLs
-        mlflow.end_run("FAILED")
+        with _ending_run():
+            mlflow.set_tag(TAG_ERROR, redact_url(f"{type(exc).__name__}: {exc}")[:5000])  # errors quote URLs
+            mlflow.end_run("FAILED")
         raise
     else:
-        mlflow.end_run("FINISHED")
+        with _ending_run():
+            mlflow.end_run("FINISHED")
 
 
 def log_input(dataset, context: str, attempts: int = 3) -> None:
