@@ -101,6 +101,8 @@ class PipelineConfig(StepConfig):
     force: bool = param(False, "rerun steps even when a finished one matches", project=True, key=False)
     jobs: int = param(0, "worker processes for independent steps; 0 = 2 on a CPU-only machine with 2+ cores, "
                       "else 1 (1 = every step in this process, one after another)", project=True, key=False)
+    launcher: str = param("", "start each fine-tune through this launcher, e.g. 'accelerate launch --num_processes 8' "
+                          "(data parallel); empty = in the step's own process", project=True, key=False)
     experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
     eval: list[int] = field(init=False)  # eval_steps, parsed and sorted
 
@@ -159,7 +161,7 @@ def finetune_config(config: PipelineConfig, arm: str) -> finetune.FinetuneConfig
     return finetune.FinetuneConfig(arm=arm, data=config.data, pretrained_model=config.pretrained_model,
                                    steps=config.steps, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, seed=config.seed,
-                                   checkpoint_every=math.gcd(*config.eval))
+                                   checkpoint_every=math.gcd(*config.eval), launcher=config.launcher)
 
 
 def generate_config(config: PipelineConfig, finetune_run: str, step: int) -> generate.GenerateConfig:

@@ -117,6 +117,8 @@ class TuneConfig(StepConfig):
     promote: bool = param(False, "then give it the 'champion' alias if it beats the current one "
                           "(registry.promote)", key=False)
     threads: int = param(0, "torch CPU threads for generate/classify (0 = default)", key=False)
+    launcher: str = param("", "start each fine-tune through this launcher, e.g. 'accelerate launch --num_processes 8' "
+                          "(data parallel); empty = in the step's own process", project=True, key=False)
     experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
     # --objective adherence: the classify run whose real-trained classifier judges (set by run())
     adherence_classifier_run: str = dataclasses.field(default="", init=False)
@@ -156,7 +158,8 @@ def finetune_config(args: TuneConfig, learning_rate: float, steps: int) -> finet
                                    steps=steps, learning_rate=learning_rate, batch_size=args.batch_size,
                                    seed=args.seed, checkpoint_every=args.eval_every,
                                    # one row of sample images per checkpoint, drawn like the judged ones
-                                   grid_seeds=1, grid_steps=args.num_inference_steps)
+                                   grid_seeds=1, grid_steps=args.num_inference_steps,
+                                   launcher=args.launcher)
 
 
 def generate_config(args: TuneConfig, finetune_run: str, step: int) -> generate.GenerateConfig:
