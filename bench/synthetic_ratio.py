@@ -69,7 +69,7 @@ def adherence(data: str, classifier_run: str, real: str, seed: int = 0) -> tuple
     """Prompt adherence of a generated set under the real-trained classifier (``harness.checks``),
     and the same figure for the phantom renderer drawing the same prompts (the ceiling)."""
     from harness.checks import adherence_and_ceiling, classifier_labels, generated_table
-    from harness.classifier import classifier_from_run
+    from harness.classify import classifier_from_run
 
     model = classifier_from_run(classifier_run)
     adherence, ceiling = adherence_and_ceiling(model, generated_table(data, classifier_labels(model)), real, seed)

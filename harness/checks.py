@@ -61,8 +61,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from harness import tracking
 from harness.artifacts import resolved
-from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, classifier_from_run, load_classifier,
-                                log_classifier, predict, save_classifier, train_classifier)
+from harness.classifier import (CLASSIFIER_ARTIFACT, build_classifier, load_classifier, predict, save_classifier,
+                                train_classifier)
+from harness.classify import classifier_from_run, log_classifier
 from harness.metrics import snake
 from harness.config import ConfigError, StepConfig, param, parse
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table

@@ -11,10 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch.nn as nn
@@ -145,6 +143,8 @@ def train_classifier(model: nn.Module, train_loader, valid_loader, epochs: int =
 CLASSIFIER_ARTIFACT = "classifier/model.pt"
 
 
+# Not mlflow.pytorch.log_model: that pickles the module's class (code); this file is a state
+# dict and plain meta, loaded with weights_only=True, so loading one runs no code.
 def save_classifier(model: nn.Module, path, **meta) -> Path:
     """Save a harness classifier with what rebuilds it (``meta`` needs ``architecture`` - a
     ``build_classifier`` name -, ``n_labels``, ``in_channels``; plain values only). Atomic."""
@@ -167,23 +167,6 @@ def load_classifier(path) -> nn.Module:
     model.load_state_dict(saved["state_dict"])
     model.harness_meta = meta
     return model.eval()
-
-
-def log_classifier(model: nn.Module, **meta) -> None:
-    """Log a classifier to the active run as ``classifier/model.pt`` (for ``--classifier_run``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_artifact(str(save_classifier(model, Path(tmp) / "model.pt", **meta)), "classifier")
-
-
-def classifier_from_run(run_id: str) -> nn.Module:
-    """The classifier a run logged with ``log_classifier``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CLASSIFIER_ARTIFACT, dst_path=tmp)
-        except Exception as err:  # MlflowException or OSError, depending on the store
-            raise ValueError(f"run {run_id} has no {CLASSIFIER_ARTIFACT} (classify runs log one): "
-                             f"{err}") from err
-        return load_classifier(path)
 
 
 # ------------------------------------------------------------------------------------------ views

@@ -58,7 +58,8 @@ from sklearn.metrics import roc_curve
 
 from harness import tracking
 from harness.artifacts import resolved
-from harness.classifier import CLASSIFIERS, build_classifier, log_classifier, predict, train_classifier
+from harness.classifier import (CLASSIFIER_ARTIFACT, CLASSIFIERS, build_classifier, load_classifier, predict,
+                                save_classifier, train_classifier)
 from harness.config import ConfigError, StepConfig, param, parse
 from harness.compare import PREDICTIONS, load_baseline
 from harness.data import CachedImages, DataSpec, ImageDataset, load_table, summarize
@@ -153,6 +154,25 @@ def run(config: ClassifyConfig) -> tracking.StepResult:
 def result(run_id: str) -> tracking.StepResult:
     """A classify run's result: its metrics and its ``predictions`` (every figure recomputes from it)."""
     return tracking.StepResult.of(run_id, predictions=PREDICTIONS)
+
+
+# ------------------------------------------------------------------- the logged classifier
+
+def log_classifier(model: torch.nn.Module, **meta) -> None:
+    """Log a classifier to the active run as ``classifier/model.pt`` (for ``--classifier_run``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifact(str(save_classifier(model, Path(tmp) / "model.pt", **meta)), "classifier")
+
+
+def classifier_from_run(run_id: str) -> torch.nn.Module:
+    """The classifier a run logged with ``log_classifier``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CLASSIFIER_ARTIFACT, dst_path=tmp)
+        except Exception as err:  # MlflowException or OSError, depending on the store
+            raise ValueError(f"run {run_id} has no {CLASSIFIER_ARTIFACT} (classify runs log one): "
+                             f"{err}") from err
+        return load_classifier(path)
 
 
 def main(argv=None) -> str:

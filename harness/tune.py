@@ -58,7 +58,8 @@ from optuna_integration import MLflowCallback
 from optuna_integration.mlflow.mlflow import RUN_ID_ATTRIBUTE_KEY  # where MLflowCallback looks for a trial's run
 
 from harness import checks, classify, finetune, generate, tracking
-from harness.classifier import CLASSIFIERS, classifier_from_run
+from harness.classifier import CLASSIFIERS
+from harness.classify import classifier_from_run
 from harness.config import ConfigError, StepConfig, param, parse
 from harness.artifacts import local_spec
 from harness.data import DataSpec, load_table

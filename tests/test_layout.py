@@ -87,3 +87,13 @@ def test_report_imports_no_model_library():
             " print(','.join(bad)); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"harness.report imports {done.stdout.strip()} {done.stderr[-500:]}"
+
+
+# The models: built, trained and saved without a tracking server; logging one is its step's job.
+MODEL_MODULES = ("harness.classifier", "harness.base.components", "harness.base.tokenizer")
+
+
+def test_model_modules_import_no_mlflow():
+    modules = _modules()
+    for name in MODEL_MODULES:
+        assert not any(m == "mlflow" or m.startswith("mlflow.") for m in _imports(modules[name])), name
