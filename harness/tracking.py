@@ -259,7 +259,9 @@ def log_params(params: dict) -> None:
 
 
 class MetricBuffer:
-    """Collects per-step metrics and writes them with ``log_batch`` every ``flush_every`` steps."""
+    """Collects per-step metrics and writes them with ``log_batch`` every ``flush_every`` steps.
+    Kept over ``log_metrics(..., synchronous=False)``, which still writes one batch per call: a
+    fraction of its cost per step (``python -m bench.metric_logging``; README: benchmarks)."""
 
     def __init__(self, run_id: str, flush_every: int = 50):
         self.client = MlflowClient()
