@@ -322,3 +322,20 @@ def test_a_killed_generate_leaves_a_folder_that_the_next_one_removes(store, tiny
     assert not stale.exists() and busy.exists()
     assert f"removing {stale}" in caplog.text
     assert sorted(p.name for p in parent.iterdir()) == [busy.name, "next"]
+
+
+# Pixels of the tiny pipeline's first image (DPM-Solver, 3 steps, guidance 5, seed 7), as diffusers'
+# pipeline tests store slices: a change to sampling (scheduler set-up, guidance, seeding, dtype or
+# the pipeline's assembly) that moves pixels fails here, not silently in the study's numbers.
+EXPECTED_SLICE = [121, 102, 115, 172, 138, 100, 149, 130, 97]
+
+
+def test_generation_matches_stored_pixels(tiny_pipeline_dir):
+    config = generate.GenerateConfig(checkpoint=str(tiny_pipeline_dir))
+    pipe, _ = generate.load(config)
+    ((_, images),) = list(generate.sample(pipe, ["a frontal chest x-ray showing edema"], [7], batch_size=1,
+                                          num_inference_steps=3, guidance_scale=5.0, resolution=32))
+    image = np.asarray(images[0])
+    assert image.shape == (32, 32, 3)
+    got = image[-3:, -3:, -1].flatten().astype(int)
+    assert np.abs(got - np.array(EXPECTED_SLICE)).max() <= 2, got.tolist()
