@@ -31,12 +31,12 @@ from pathlib import Path
 
 import mlflow
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import tracking
 from harness.artifacts import local_spec
 from harness.config import ConfigError, StepConfig, param, parse
+from harness.diffusion import LatentCache, diffusion_loss
 from harness.data import CachedImages, DataSpec, ImageDataset, disease_prompts, load_table, prompts_for_table, summarize
 
 ARMS = {
@@ -495,27 +495,14 @@ class PromptedImages(torch.utils.data.Dataset):
                 "index": item["index"]}
 
 
-class LatentCache:
-    """The frozen VAE's posterior (mean, std) of every training image, computed once: every arm
-    keeps the VAE frozen, so encoding each batch again each step is wasted work (~25% of a
-    CPU step on the embedded default). A step samples mean + std * noise, as encoding would."""
+def _latent_cache(dataset: "PromptedImages", vae, batch_size: int = 64) -> LatentCache:
+    """Every training image's posterior, keyed by its ``index``: all arms keep the VAE frozen."""
+    def batches():
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            yield [int(it["index"]) for it in items], torch.stack([it["pixel_values"] for it in items])
 
-    def __init__(self, dataset: "PromptedImages", vae, scaling_factor: float, batch_size: int = 64):
-        means, stds = {}, {}
-        device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-        with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
-                items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-                post = vae.encode(torch.stack([it["pixel_values"] for it in items]).to(device, dtype)).latent_dist
-                for it, m, sd in zip(items, post.mean, post.std):
-                    means[int(it["index"])], stds[int(it["index"])] = m.float().cpu(), sd.float().cpu()
-        self.means, self.stds, self.scaling_factor = means, stds, scaling_factor
-
-    def sample(self, index: torch.Tensor) -> torch.Tensor:
-        keys = [int(i) for i in index]
-        mean = torch.stack([self.means[k] for k in keys])
-        std = torch.stack([self.stds[k] for k in keys])
-        return (mean + std * torch.randn_like(mean)) * self.scaling_factor
+    return LatentCache.encode(vae, batches())
 
 
 def _class_images(pipe, args, resolution, accelerator) -> dict:
@@ -598,7 +585,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     _from_main(accelerator, log_data)
     latent_cache = None
     if args.num_workers == 0 and dataset.images.preload():  # fits in memory: so do its latents
-        latent_cache = LatentCache(dataset, vae, vae.config.scaling_factor)
+        latent_cache = _latent_cache(dataset, vae)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -777,21 +764,8 @@ def _loss(batch, prior, args, vae, unet, text_encoder, noise_scheduler, weight_d
             prior_latents = vae.encode(prior["pixel_values"][pick].to(device, dtype=weight_dtype)).latent_dist.sample()
             latents = torch.cat([latents, prior_latents * vae.config.scaling_factor])
             ids = torch.cat([ids, prior["input_ids"].expand(n, -1).to(ids.device)])
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
     hidden = text_encoder(ids)[0]
-    pred = unet(noisy.to(unet_dtype), t, hidden.to(unet_dtype)).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, t)
-    else:
-        target = noise
-    per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
-    if args.snr_gamma > 0:  # min-SNR-gamma: weight min(SNR, gamma) / SNR (epsilon), / (SNR + 1) (v)
-        alphas = noise_scheduler.alphas_cumprod.to(t.device)[t].float()
-        snr = alphas / (1 - alphas)
-        weight = snr.clamp(max=args.snr_gamma) / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
-        per_image = per_image * weight
+    per_image = diffusion_loss(unet, noise_scheduler, latents, hidden, args.snr_gamma, dtype=unet_dtype)
     if prior is None:
         return per_image.mean()
     main, prior_part = per_image.chunk(2)

@@ -310,24 +310,6 @@ def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pi
     assert run("gamma_small", 0, 0.05)["loss"][0] < 0.9 * plain["loss"][0]
 
 
-def test_latent_cache_samples_the_vae_posterior(tiny_pipeline_dir):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir, subfolder="vae").eval()
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    data = [{"pixel_values": x[i], "index": 10 + i} for i in range(3)]
-    cache = finetune.LatentCache(data, vae, scaling_factor=0.5, batch_size=2)
-    with torch.no_grad():
-        post = vae.encode(x).latent_dist
-    torch.manual_seed(0)
-    a = cache.sample(torch.tensor([12, 10]))
-    assert a.shape == (2, *post.mean.shape[1:])
-    assert torch.allclose(cache.means[12], post.mean[2], atol=1e-5)
-    torch.manual_seed(0)
-    noise = torch.randn_like(post.mean[[2, 0]].contiguous())
-    assert torch.allclose(a, (post.mean[[2, 0]] + post.std[[2, 0]] * noise) * 0.5, atol=1e-5)
-
-
 def test_ema_checkpoints_hold_the_warmed_up_average_of_the_raw_weights(mlflow_store, tiny_phantom,
                                                                      tiny_pipeline_dir, tmp_path):
     """Same seed, same raw trajectory: the EMA run's step-4 UNet is the average (decay
