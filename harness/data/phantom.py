@@ -21,12 +21,12 @@ the signs down (and squeezes the CTRs of both classes towards 0.5) and the noise
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from harness.config import StepConfig, param, parse
 from harness.data.layout import write_csv
 from harness.pathologies import CHEXPERT_COLUMNS, CHEXPERT_LABELS, FINDINGS
 
@@ -592,20 +593,33 @@ def ensure_phantom(n_patients: int = DEFAULT_PATIENTS, seed: int = 0, difficulty
         raise
 
 
-def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m harness.data.phantom", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="root folder to write (default: the ensure_phantom cache)")
-    p.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY, help="0 = textbook signs, 1 = near the noise floor")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="stored image size in px")
-    args = p.parse_args(argv)
-    if args.out:
-        path = write_phantom(args.out, args.patients, args.seed, args.difficulty, args.size)
+@dataclass
+class PhantomConfig(StepConfig):
+    out: str | None = param(None, "root folder to write (default: the ensure_phantom cache)", key=False)
+    patients: int = param(DEFAULT_PATIENTS, project=True)
+    seed: int = param(0, project=True)
+    difficulty: float = param(DEFAULT_DIFFICULTY, "0 = textbook signs, 1 = near the noise floor")
+    size: int = param(DEFAULT_SIZE, "stored image size in px")
+
+    def check(self) -> None:
+        self.at_least(3, "patients")  # one patient per split
+        self.not_negative("seed")
+        self.within("difficulty", 0.0, 1.0)
+        self.at_least(16, "size")
+
+
+def run(config: PhantomConfig) -> Path:
+    """Write (or find in the cache) the phantom; returns and prints its archive dir."""
+    if config.out:
+        path = write_phantom(config.out, config.patients, config.seed, config.difficulty, config.size)
     else:
-        path = ensure_phantom(args.patients, args.seed, args.difficulty, args.size)
+        path = ensure_phantom(config.patients, config.seed, config.difficulty, config.size)
     print(path)
     return path
+
+
+def main(argv=None) -> Path:
+    return run(parse(PhantomConfig, argv, prog="python -m harness.data.phantom"))
 
 
 if __name__ == "__main__":
