@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from harness.base.components import SDConfig, assemble_pipeline, build_components
 from harness.base.scenes import SceneDataset, caption_corpus
 from harness.base.tokenizer import build_tokenizer, medical_corpus
+from harness.diffusion import LatentCache, diffusion_loss
 from harness.pathologies import FINDINGS
 
 log = logging.getLogger(__name__)
@@ -143,17 +144,6 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch_size: int, lr: float,
     return float("nan") if smoothed is None else smoothed
 
 
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (cached so stage 2 samples latents without the encoder)."""
-    means, stds = [], []
-    for i in range(0, len(images), batch_size):
-        post = vae.encode(images[i:i + batch_size].to(vae.device)).latent_dist
-        means.append(post.mean.cpu())
-        stds.append(post.std.cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
 def token_identity_loss(text_encoder, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """Cross-entropy of reading each token back from its final hidden state (tied to the input
     embedding table): keeps every word, rare ones included, distinct in the text encoder's output."""
@@ -164,8 +154,8 @@ def token_identity_loss(text_encoder, ids: torch.Tensor, pad_id: int) -> torch.T
     return F.cross_entropy(logits[keep].float(), ids[keep])
 
 
-def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Tensor, torch.Tensor],
-               captions: list[str], scaling_factor: float, steps: int, batch_size: int, lr: float,
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents: LatentCache,
+               captions: list[str], steps: int, batch_size: int, lr: float,
                caption_dropout: float, device, log_fn=None, log_every: int = 10, seed: int = 0,
                text_corpus: list[str] | None = None, identity_weight: float = 0.0) -> float:
     """SD's objective: predict the noise added at a random DDPM timestep, conditioned on the caption.
@@ -188,24 +178,16 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: tuple[torch.Te
     warmup = max(1, min(50, steps // 10))
     # warmup then cosine to 10%: a short run ends on a low learning rate, which sharpens samples
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.55 + 0.45 * math.cos(math.pi * min(s / max(steps, 1), 1.0))))
-    mean, std = latents
-    g = torch.Generator().manual_seed(seed)
-    T = scheduler.config.num_train_timesteps
+    g = torch.Generator().manual_seed(seed)  # every draw from it: the build repeats exactly
     smoothed = None
     for step in (bar := tqdm(range(steps), desc="unet", leave=False)):
-        idx = torch.randint(len(mean), (batch_size,), generator=g)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scaling_factor
+        idx = torch.randint(len(latents), (batch_size,), generator=g)
+        z = latents.sample(idx, generator=g)
         batch_ids = ids[idx].clone()
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         batch_ids[drop] = empty
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, T, (batch_size,), generator=g)
-        noisy = scheduler.add_noise(z, noise, t)
         hidden = text_encoder(batch_ids.to(device))[0]
-        pred = unet(noisy.to(device), t.to(device), hidden).sample
-        # the scheduler's own parameterisation: SD-1.x predicts the noise, SD-2.x the velocity
-        target = scheduler.get_velocity(z, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-        loss = F.mse_loss(pred.float(), target.to(device))
+        loss = diffusion_loss(unet, scheduler, z.to(device), hidden, generator=g).mean()
         identity = torch.zeros(())
         if identity_weight > 0:
             pick = torch.randint(len(text_ids), (2 * batch_size,), generator=g)
@@ -303,16 +285,16 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
     metrics["vae_psnr_scenes"] = vae_psnr(vae, scene_images[-64:])
 
     # SD's latent scale: 1/std of the latents, so diffusion sees unit-variance inputs.
-    latents = encode_latents(vae, images)
-    z = latents[0] + latents[1] * torch.randn_like(latents[1])
-    scaling_factor = float(1 / z.std())
+    latents = LatentCache.of_images(vae, images, scaling_factor=1.0)
+    scaling_factor = float(1 / latents.sample(range(len(latents))).std())
+    latents.scaling_factor = scaling_factor
     vae.register_to_config(scaling_factor=scaling_factor)
     metrics["scaling_factor"] = scaling_factor
 
     # Stage 2: UNet + text encoder on the captioned scenes and generically captioned radiographs.
     t0 = time.time()
     metrics["unet_final_loss"] = train_unet(unet, text_encoder, tokenizer, parts["scheduler"], latents, captions,
-                                            scaling_factor, unet_steps, batch_size, unet_lr, caption_dropout,
+                                            unet_steps, batch_size, unet_lr, caption_dropout,
                                             device, log_fn, seed=seed, identity_weight=identity_weight,
                                             # the captions + the medical words as text only (as CLIP read
                                             # "cardiomegaly" in web text without seeing it drawn)
@@ -341,7 +323,7 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
     return metrics
 
 
-BUILD_VERSION = 3  # bump when the build's code changes what it produces: part of the reuse key
+BUILD_VERSION = 4  # bump when the build's code changes what it produces: part of the reuse key
 
 
 BUILD_KEY_FILE = "build_key"  # written last: a folder holding it is a complete build of that recipe
