@@ -156,9 +156,10 @@ def click_params(cls: type[StepConfig], fixed: dict | None = None) -> list[click
             kind = OrNone(kind)
         extra = {"is_flag": False, "flag_value": True} if base is bool else {}  # `--x` alone or `--x true`
         required = f.default is dataclasses.MISSING
+        if not required:  # a required option gets no default at all: click 8.3+ takes None for a given value
+            extra["default"] = f.default
         options.append(click.Option([f"--{f.name}", f.name], type=kind, required=required,
-                                    default=None if required else f.default, show_default=not required,
-                                    help=f.metadata.get("help") or None, **extra))
+                                    show_default=not required, help=f.metadata.get("help") or None, **extra))
     return options
 
 
