@@ -25,13 +25,13 @@ of a ``report`` run:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -44,7 +44,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from harness import tracking  # noqa: E402
-from harness.config import bool_arg  # noqa: E402
+from harness.config import StepConfig, param, parse  # noqa: E402
 from harness.compare import difference_table  # noqa: E402
 from harness.metrics import CHECK_COLUMNS, SUMMARY_COLUMNS, checks_row, classify_row  # noqa: E402
 from harness.pathologies import FINDINGS  # noqa: E402
@@ -56,14 +56,17 @@ DIFFERENCES_TITLE = "Macro AUC differences between arms (paired on the same test
 ARM_ORDER = ("dreambooth", "text_encoder", "unet_text_encoder")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--name", default="", help=f"registered model(s), comma-separated (default: every {MODEL_PREFIX}-*)")
-    p.add_argument("--output_dir", default="reports")
-    p.add_argument("--log", type=bool_arg, default=True, help="also log the report as the artifacts of a 'report' run")
-    p.add_argument("--screenshot", default="", help="also render report.html to this PNG with headless Chromium")
-    p.add_argument("--experiment", default=None)
-    return p.parse_args(argv)
+@dataclass
+class ReportConfig(StepConfig):
+    name: str = param("", f"registered model(s), comma-separated (default: every {MODEL_PREFIX}-*)", project=True)
+    output_dir: str = param("reports", project=True, key=False)
+    log: bool = param(True, "also log the report as the artifacts of a 'report' run", key=False)
+    screenshot: str = param("", "also render report.html to this PNG with headless Chromium", key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+
+def parse_args(argv=None) -> ReportConfig:
+    return parse(ReportConfig, argv, prog="python -m harness.report")
 
 
 # ------------------------------------------------------------------------------------ collect
@@ -487,29 +490,35 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 3200) -> 
     return png
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    tracking.setup(args.experiment)
+def run(config: ReportConfig) -> dict:
+    """Build the report (logged as a ``report`` run's artifacts unless ``--log false``), print its
+    tables; returns the files written (``markdown``, ``html``, ``files``), and ``run_id`` when logged."""
+    tracking.setup(config.experiment)
     client = MlflowClient()
-    names = model_names(client, args.name)
-    out = Path(args.output_dir)
-    if not args.log:
+    names = model_names(client, config.name)
+    out = Path(config.output_dir)
+    if not config.log:
         result = build(client, names, out)
-        if args.screenshot:
-            result["screenshot"] = screenshot(result["html"], Path(args.screenshot))
+        if config.screenshot:
+            result["screenshot"] = screenshot(result["html"], Path(config.screenshot))
         return result
-    with tracking.tracked_run("report", args.experiment, tags={"harness.entry_point": "report"}):
+    with tracking.tracked_run("report", config.experiment, tags={"harness.entry_point": "report"}) as active:
         result = build(client, names, out)
-        if args.screenshot:
-            result["screenshot"] = screenshot(result["html"], Path(args.screenshot))
+        if config.screenshot:
+            result["screenshot"] = screenshot(result["html"], Path(config.screenshot))
             result["files"].append(result["screenshot"])
         mlflow.log_param("models", ",".join(names))
         for path in [result["markdown"], result["html"], *result["files"]]:
             mlflow.log_artifact(str(path), "report" if path.parent == out else f"report/{path.parent.name}")
+        result["run_id"] = active.info.run_id
     # The entry point ends the study's run of commands: its table and champion, then where the report is.
     print("\n".join(result["summary"]))
     print(f"[report] {result['markdown']} and {result['html']}")
     return result
+
+
+def main(argv=None) -> dict:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ with one champion, the better one, whichever writes last.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from registry.register import value
+from harness.config import StepConfig, param, parse
+from registry.register import MODEL_PREFIX, value
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +139,34 @@ def history(name: str, alias: str = ALIAS, client: MlflowClient | None = None) -
     return [{k: v for k, v in r.items() if k != "ns"} for r in sorted(rows, key=lambda r: r["ns"])]
 
 
-def main(argv=None) -> Decision:
+@dataclass
+class PromoteConfig(StepConfig):
+    name: str = param(f"{MODEL_PREFIX}-phantom", f"registered model ({MODEL_PREFIX}-<data>)", project=True)
+    metric: str = param(DEFAULT_METRIC, project=True)
+    margin: float = param(0.0, "how much the candidate must beat the champion by", project=True)
+    alias: str = param(ALIAS)
+    version: str = param("", "promote this version (default: the best evaluated one)", project=True)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
+
+    def check(self) -> None:
+        self.not_negative("margin")
+
+
+def run(config: PromoteConfig) -> Decision:
+    """Promote, in a run of its own: the audit trail of who asked for what (and the run `mlflow run` makes)."""
     from harness import tracking
 
-    p = argparse.ArgumentParser(description="Point the champion alias at the best evaluated version.")
-    p.add_argument("--name", required=True, help="registered model, e.g. cxr-sd-phantom")
-    p.add_argument("--metric", default=DEFAULT_METRIC)
-    p.add_argument("--margin", type=float, default=0.0, help="how much the candidate must beat the champion by")
-    p.add_argument("--alias", default=ALIAS)
-    p.add_argument("--version", default="", help="promote this version (default: the best evaluated one)")
-    p.add_argument("--experiment", default=None)
-    args = p.parse_args(argv)
-    # A run per promotion: the audit trail of who asked for what (and the run `mlflow run` makes).
-    with tracking.tracked_run("promote", args.experiment, tags={"harness.entry_point": "promote"}):
-        tracking.log_params({k: v for k, v in vars(args).items() if k != "experiment"})
-        decision = promote(args.name, args.metric, args.margin, args.alias, args.version or None)
+    with tracking.tracked_run("promote", config.experiment, tags={"harness.entry_point": "promote"}):
+        tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
+        decision = promote(config.name, config.metric, config.margin, config.alias, config.version or None)
         mlflow.set_tags({"harness.champion": str(decision.champion), "harness.moved": str(decision.moved),
                          "harness.reason": decision.reason[:5000]})
-    log.info(f"{args.name}@{args.alias} -> version {decision.champion}: {decision.reason}")
+    log.info(f"{config.name}@{config.alias} -> version {decision.champion}: {decision.reason}")
     return decision
+
+
+def main(argv=None) -> Decision:
+    return run(parse(PromoteConfig, argv, prog="python -m registry.promote"))
 
 
 if __name__ == "__main__":

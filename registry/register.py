@@ -22,16 +22,18 @@ returns the existing version.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from harness.config import StepConfig, param, parse
 
 MODEL_PREFIX = "cxr-sd"
 CHECKPOINT_TAG = "harness.checkpoint.{step:06d}"  # set by harness.finetune on each checkpoint
@@ -140,23 +142,33 @@ def value(version: ModelVersion, metric: str) -> float | None:
     return None if math.isnan(out) else out
 
 
-def main(argv=None) -> ModelVersion:
+@dataclass
+class RegisterConfig(StepConfig):
+    finetune_run: str = param(help="the fine-tuning run whose checkpoint is registered", project=True)
+    step: int = param(help="the checkpoint's step", project=True)
+    classify_run: str = param(help="the classify run that judged its generated data", project=True)
+    generate_run: str = param("", project=True)
+    checks_run: str = param("", project=True)
+    name: str = param("", f"registered model name (default {MODEL_PREFIX}-<data>)", project=True)
+
+    def check(self) -> None:
+        self.not_negative("step")
+
+
+def run(config: RegisterConfig) -> ModelVersion:
+    """Register the checkpoint (or find it registered); prints and returns its version."""
     from harness import tracking
 
-    p = argparse.ArgumentParser(description="Register an evaluated checkpoint as a model version.")
-    p.add_argument("--finetune_run", required=True)
-    p.add_argument("--step", type=int, required=True)
-    p.add_argument("--classify_run", required=True)
-    p.add_argument("--generate_run", default="")
-    p.add_argument("--checks_run", default="")
-    p.add_argument("--name", default="", help=f"registered model name (default {MODEL_PREFIX}-<data>)")
-    args = p.parse_args(argv)
     tracking.use_project_store()
-    version = register_checkpoint(args.finetune_run, args.step, args.classify_run, args.generate_run or None,
-                                  args.checks_run or None, args.name or None)
+    version = register_checkpoint(config.finetune_run, config.step, config.classify_run,
+                                  config.generate_run or None, config.checks_run or None, config.name or None)
     print(f"{version.name} version {version.version}: {version.tags.get('arm')} @ {version.tags.get('step')}, "
           f"auc_macro {version.tags.get('auc_macro')}")
     return version
+
+
+def main(argv=None) -> ModelVersion:
+    return run(parse(RegisterConfig, argv, prog="python -m registry.register"))
 
 
 if __name__ == "__main__":
