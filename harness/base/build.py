@@ -18,7 +18,6 @@ as a real CLIP text encoder gives them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from harness.base.components import SDConfig, assemble_pipeline, build_components
 from harness.base.scenes import SceneDataset, caption_corpus
 from harness.base.tokenizer import build_tokenizer, medical_corpus
+from harness.config import StepConfig, param, parse
 from harness.diffusion import LatentCache, diffusion_loss
 from harness.pathologies import FINDINGS
 
@@ -347,28 +348,36 @@ def local_build(out: Path, key: str) -> bool:
     return marker.is_file() and marker.read_text().strip() == key and (out / "model_index.json").is_file()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from harness.config import bool_arg, int_arg
+@dataclass
+class BuildConfig(StepConfig):
+    """The build's options; ``recipe_of`` picks the ones its output depends on (its reuse key)."""
+    out: str | None = param(None, "diffusers directory to write (default: outputs/base-<key>)", key=False)
+    preset: str = param("default", choices=["tiny", "default", "sd15"], project=True)
+    vae_steps: int = param(300)
+    unet_steps: int = param(800)
+    batch_size: int = param(16)
+    n_scenes: int = param(2000)
+    n_radiographs: int = param(600)
+    seed: int = param(0, project=True)
+    device: str | None = param(None, "cpu / cuda (default: cuda if available)", key=False)
+    no_samples: bool = param(False, "skip the sample grid", key=False)
+    threads: int | None = param(None, "torch CPU threads (default: torch's; use 1 when other jobs share the cores)",
+                                key=False)
+    force: bool = param(False, "rebuild even if this build is registered", project=True, key=False)
+    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None, help="diffusers directory to write (default: outputs/base-<key>)")
-    p.add_argument("--preset", default="default", choices=["tiny", "default", "sd15"])
-    p.add_argument("--vae_steps", type=int_arg, default=300)
-    p.add_argument("--unet_steps", type=int_arg, default=800)
-    p.add_argument("--batch_size", type=int_arg, default=16)
-    p.add_argument("--n_scenes", type=int_arg, default=2000)
-    p.add_argument("--n_radiographs", type=int_arg, default=600)
-    p.add_argument("--seed", type=int_arg, default=0)
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--no_samples", action="store_true", help="skip the sample grid")
-    p.add_argument("--threads", type=int_arg, default=None,
-                   help="torch CPU threads (default: torch's; use 1 when other jobs share the cores)")
-    p.add_argument("--force", type=bool_arg, default=False, help="rebuild even if this build is registered")
-    p.add_argument("--experiment", default=None)
-    return p.parse_args(argv)
+    def check(self) -> None:
+        self.not_negative("vae_steps", "unet_steps", "n_radiographs", "seed")
+        self.at_least(1, "batch_size", "n_scenes")
+        if self.threads is not None:
+            self.not_negative("threads")
 
 
-def recipe_of(a: argparse.Namespace) -> tuple[dict, str]:
+def parse_args(argv=None) -> BuildConfig:
+    return parse(BuildConfig, argv, prog="python -m harness.base.build")
+
+
+def recipe_of(a: BuildConfig) -> tuple[dict, str]:
     """What a build's output depends on, and its key (the reuse key in the registry and on disk)."""
     from harness import tracking
     from harness.data.phantom import GENERATOR_VERSION
@@ -388,60 +397,69 @@ def register_default_local_build() -> str | None:
     """Register the default recipe's build found on disk into the current store (a new store or a
     team server: the build is the same, only the registry is new). Returns its models:/ URI, or
     None when there is no such build on disk."""
-    recipe, key = recipe_of(parse_args([]))
+    config = parse_args([])
+    recipe, key = recipe_of(config)
     if not local_build(default_out(key), key):
         return None
-    return main([])["registered"]
+    return run(config).artifacts["registered"]
 
 
-def main(argv=None) -> dict:
+def run(config: BuildConfig) -> "tracking.StepResult":
     """Build the embedded base, log it to MLflow and register it as ``cxr-sd-base`` - once: a build
     with identical parameters and code is found in the registry and reused, and one found on disk
-    (built for another store) is registered without rebuilding; ``--force true`` rebuilds."""
+    (built for another store) is registered without rebuilding; ``--force true`` rebuilds. The
+    result's artifacts: ``registered`` (the version's models:/ URI), and ``reused`` when it was."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from harness import tracking
     from registry.pyfunc import log_pipeline
 
-    a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    config = SDConfig.preset(a.preset)
-    recipe, key = recipe_of(a)
-    with tracking.tracked_run("base", a.experiment, tags={"harness.build_key": key}):
-        existing = None if a.force else registered_build(key)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    sd = SDConfig.preset(config.preset)
+    recipe, key = recipe_of(config)
+    with tracking.tracked_run("base", config.experiment, tags={"harness.build_key": key}) as active:
+        existing = None if config.force else registered_build(key)
         if existing is not None:
             uri = f"models:/{BASE_MODEL_NAME}/{existing.version}"
             mlflow.set_tag("harness.reused", uri)
             log.info("reusing %s: built with the same parameters by run %s", uri, existing.run_id)
-            return {"reused": uri, "registered": uri}
-        tracking.log_params({"preset": a.preset, **{k: v for k, v in recipe.items() if k != "config"},
-                             **{f"config.{k}": v for k, v in config.to_dict().items()}})
-        out = Path(a.out) if a.out else default_out(key)
-        if not a.force and local_build(out, key):
+            return tracking.StepResult(active.info.run_id, {"reused": uri, "registered": uri})
+        tracking.log_params({"preset": config.preset, **{k: v for k, v in recipe.items() if k != "config"},
+                             **{f"config.{k}": v for k, v in sd.to_dict().items()}})
+        out = Path(config.out) if config.out else default_out(key)
+        if not config.force and local_build(out, key):
             mlflow.set_tag("harness.registered_from_disk", str(out.absolute()))
             log.info("registering the build in %s (same parameters, made for another store) without rebuilding", out)
             metrics = json.loads((out / "base_build.json").read_text()).get("metrics", {})
         else:
-            buffer = tracking.MetricBuffer(mlflow.active_run().info.run_id)
-            metrics = build_base(out, config, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-                                 seed=a.seed, batch_size=a.batch_size, n_scenes=a.n_scenes,
-                                 n_radiographs=a.n_radiographs, device=a.device, samples=not a.no_samples,
-                                 log_fn=buffer.log)
+            buffer = tracking.MetricBuffer(active.info.run_id)
+            metrics = build_base(out, sd, vae_steps=config.vae_steps, unet_steps=config.unet_steps,
+                                 seed=config.seed, batch_size=config.batch_size, n_scenes=config.n_scenes,
+                                 n_radiographs=config.n_radiographs, device=config.device,
+                                 samples=not config.no_samples, log_fn=buffer.log)
             buffer.flush()
             (out / BUILD_KEY_FILE).write_text(key)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         for name in ("samples.png", "samples.txt", "base_build.json"):
             if (out / name).is_file():
                 mlflow.log_artifact(str(out / name), "base")
-        info = log_pipeline(out, name="base", registered_model_name=BASE_MODEL_NAME,
-                            resolution=config.resolution)
+        info = log_pipeline(out, name="base", registered_model_name=BASE_MODEL_NAME, resolution=sd.resolution)
         uri = f"models:/{BASE_MODEL_NAME}/{info.registered_model_version}"
         MlflowClient().set_model_version_tag(BASE_MODEL_NAME, info.registered_model_version, "build_key", key)
         mlflow.set_tag("harness.registered", uri)
         print(json.dumps(metrics, indent=2))
-        return {**metrics, "registered": uri}
+        return tracking.StepResult(active.info.run_id, {"registered": uri}, metrics)
+
+
+def main(argv=None) -> dict:
+    """The command line's entry: the build's metrics and ``registered`` URI, or ``reused`` and
+    ``registered`` when an identical build was registered already."""
+    result = run(parse_args(argv))
+    if "reused" in result.artifacts:
+        return dict(result.artifacts)
+    return {**result.metrics, "registered": result.artifacts["registered"]}
 
 
 if __name__ == "__main__":
