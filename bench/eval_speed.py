@@ -17,16 +17,15 @@ import time
 import numpy as np
 
 from harness.evaluate import bootstrap_auc, paired_difference
-from harness.config import int_arg
 from harness.pathologies import FINDINGS
 
 
 def main(argv=None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int_arg, default=10_000)
-    p.add_argument("--labels", type=int_arg, default=len(FINDINGS))
-    p.add_argument("--n_resamples", type=int_arg, default=1000)
-    p.add_argument("--repeats", type=int_arg, default=3)
+    p.add_argument("--images", type=int, default=10_000)
+    p.add_argument("--labels", type=int, default=len(FINDINGS))
+    p.add_argument("--n_resamples", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--paired", action="store_true", help="also time paired_difference (two classifiers)")
     args = p.parse_args(argv)
 

@@ -198,24 +198,3 @@ def _doc(cls: type) -> str | None:
     module = sys.modules.get(cls.__module__)
     return (module.__doc__ or "").split("\n\n")[0] or None if module else None
 
-
-# ------------------------------------------------------------------ argparse types (until every step has a config)
-
-def int_arg(text: str) -> int:
-    """An integer, also when written as a float ('400.0')."""
-    import argparse
-
-    try:
-        return INT.convert(text, None, None)
-    except click.BadParameter as err:
-        raise argparse.ArgumentTypeError(err.message) from None
-
-
-def bool_arg(text: str) -> bool:
-    """true/false (also 1/0, yes/no), as MLflow Projects passes string flags."""
-    import argparse
-
-    try:
-        return BOOL.convert(text, None, None)
-    except click.BadParameter as err:
-        raise argparse.ArgumentTypeError(err.message) from None
