@@ -105,7 +105,7 @@ HEADER = """\
 name: sd-cxr-harness
 
 # Made by `sd-cxr mlproject > MLproject` from the steps' config dataclasses (harness/cli.py): edit
-# those, not this file (tests/test_packaging.py checks that it is up to date). Each command is the
+# those, not this file (tests/test_cli.py checks that it is up to date). Each command is the
 # `sd-cxr` command line through bin/python, which finds the project's environment (or says how to
 # make one) when the caller's PATH has another python: `.venv/bin/mlflow run . -e dreambooth
 # --env-manager local`.

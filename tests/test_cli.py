@@ -51,3 +51,40 @@ def test_a_subcommand_shows_its_defaults():
     out = subprocess.run([sys.executable, "-m", "harness", "classify", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--epochs INTEGER" in out and "[default: 8]" in out
+
+
+def test_the_committed_mlproject_is_the_one_the_configs_make():
+    """The MLproject is generated (`sd-cxr mlproject > MLproject`): a parameter changed in a config
+    and not regenerated fails here, instead of `mlflow run` running other defaults than the CLI."""
+    from pathlib import Path
+
+    from harness.cli import mlproject_text
+
+    committed = (Path(__file__).resolve().parents[1] / "MLproject").read_text()
+    assert committed == mlproject_text(), "MLproject is stale: run `python -m harness mlproject > MLproject`"
+
+
+def test_every_entry_point_has_a_config_and_a_run():
+    from harness.cli import ENTRY_POINTS
+    from harness.config import StepConfig
+
+    for name, entry in ENTRY_POINTS.items():
+        config, run = entry.load()
+        assert issubclass(config, StepConfig) and callable(run), name
+        assert set(entry.fixed) <= {f.name for f in config.options()}, name
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("harness.data.phantom", ["--patients", "2"]),
+    ("harness.base.build", ["--batch_size", "0"]),
+    ("harness.report", ["--log", "maybe"]),
+    ("registry.register", ["--step", "1", "--classify_run", "c"]),  # --finetune_run is required
+    ("registry.promote", ["--margin", "-0.1"]),
+])
+def test_bad_input_exits_2_before_any_work(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(argv)
+    assert exit_info.value.code == 2
+    assert "Error:" in capsys.readouterr().err

@@ -25,8 +25,14 @@ def test_conda_env_pins_mirror_requirements():
 def test_every_entry_point_runs_a_module_with_main():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert project["conda_env"] == "conda.yaml"
+    from harness.cli import ENTRY_POINTS
+
     for name, entry in project["entry_points"].items():
-        module = re.match(r"bin/python -m ([\w.]+)", entry["command"]).group(1)
+        module, subcommand = re.match(r"bin/python -m ([\w.]+)(?: (\w+))?", entry["command"]).groups()
+        if module == "harness":  # the sd-cxr command line: the subcommand's step module
+            assert subcommand == name and name in ENTRY_POINTS, name
+            module = ENTRY_POINTS[name].module
+            assert hasattr(importlib.import_module(module), ENTRY_POINTS[name].config), name
         assert callable(importlib.import_module(module).main), name
         for param in re.findall(r"\{(\w+)\}", entry["command"]):
             assert param in entry["parameters"], f"{name}: {{{param}}} is not a parameter"
