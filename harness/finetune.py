@@ -523,6 +523,88 @@ def _loop(loader, first_epoch):
         yield from loader
 
 
+@dataclasses.dataclass
+class _Models:
+    """The pipeline's parts as the loop uses them: all on the device, only the arm's modules
+    trainable, the frozen ones in half precision when training is mixed."""
+    pipe: object
+    noise_scheduler: object
+    trained: dict  # name -> module, the arm's
+    resolution: int
+    weight_dtype: torch.dtype
+
+
+def _models(args, accelerator) -> _Models:
+    from diffusers import DDPMScheduler
+
+    from harness.pretrained import load_pipeline, resolve
+
+    # The main process resolves the model (a registry download lands in the cache once); the others
+    # load its local copy, or resolve it themselves on a host that does not see that path.
+    source = _from_main(accelerator, lambda: resolve(args.pretrained_model))
+    main = accelerator.is_main_process
+    pipe = load_pipeline(args.pretrained_model if main or not Path(source).exists() else source)
+    if main:
+        mlflow.set_tag("harness.pretrained_source", source)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    trained = {name: getattr(pipe, name) for name in ARMS[args.arm]}
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    for module in trained.values():
+        module.requires_grad_(True)
+        module.train()
+        if args.gradient_checkpointing:
+            module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
+                else module.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for name in ("vae", "unet", "text_encoder"):
+        frozen_dtype = {} if name in trained or weight_dtype == torch.float32 else {"dtype": weight_dtype}
+        getattr(pipe, name).to(accelerator.device, **frozen_dtype)
+    return _Models(pipe, DDPMScheduler.from_config(pipe.scheduler.config), trained,
+                   args.resolution or pipe.unet.config.sample_size * factor, weight_dtype)
+
+
+def _training_data(args, accelerator, models: _Models):
+    """The train split as prompted images (logged as the run's input by the main process), its
+    latent cache when it fits in memory, and the loader, not yet prepared."""
+    main, n_procs = accelerator.is_main_process, accelerator.num_processes
+    data = _from_main(accelerator, lambda: local_spec(args.data))  # an MLflow artifact URI -> its local folder
+    if not main and DataSpec.parse(data).path is not None and not DataSpec.parse(data).path.exists():
+        data = local_spec(args.data)  # another host: its own copy
+    spec, table, labels, dataset = _data(args, models.pipe.tokenizer, models.resolution, data)
+
+    def log_data():
+        tracking.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
+                           context="training")
+        mlflow.log_dict(summarize(table), "data/summary.json")
+        tracking.log_params({"resolution_px": models.resolution, "n_train_images": len(dataset),
+                             "num_processes": n_procs,
+                             "global_batch_size": args.batch_size * args.gradient_accumulation_steps * n_procs})
+
+    _from_main(accelerator, log_data)
+    latent_cache = None
+    if args.num_workers == 0 and dataset.images.preload():  # fits in memory: so do its latents
+        latent_cache = _latent_cache(dataset, models.pipe.vae)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    return table, labels, dataset, latent_cache, loader
+
+
+def _check_finite(losses: torch.Tensor, step: int, args, out: Path, metrics) -> None:
+    """Every process's loss of this step: a NaN on any of them stops all of them here."""
+    if torch.isfinite(losses).all():
+        return
+    metrics.flush()
+    last = _checkpoints(out)
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    where = f" in process {', '.join(map(str, bad))} of {len(losses)}" if len(losses) > 1 else ""
+    raise _agreed(NonFiniteLossError(
+        f"loss is {losses[bad[0]].item()} at step {step}{where} (learning_rate={args.learning_rate}); "
+        f"stopped. Last good checkpoint: {last[-1] if last else 'none (no checkpoint was written yet)'}"))
+
+
 def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     """The loop, in each of the launcher's processes (one without a launcher). Every process
     trains on its own shard of each epoch with its own noise; the prepared (DDP) modules average
@@ -532,68 +614,20 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     from diffusers.optimization import get_scheduler
     from diffusers.utils import make_image_grid
 
-    from harness.pretrained import load_pipeline, resolve
     from registry.pyfunc import log_pipeline
 
     accelerator = _accelerator(args)
     main, n_procs = accelerator.is_main_process, accelerator.num_processes
     torch.manual_seed(args.seed + accelerator.process_index)  # each process its own noise and timesteps
 
-    # --- models ------------------------------------------------------------------------------
-    # The main process resolves the model (a registry download lands in the cache once); the others
-    # load its local copy, or resolve it themselves on a host that does not see that path.
-    source = _from_main(accelerator, lambda: resolve(args.pretrained_model))
-    pipe = load_pipeline(args.pretrained_model if main or not Path(source).exists() else source)
-    if main:
-        mlflow.set_tag("harness.pretrained_source", source)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = args.resolution or unet.config.sample_size * factor
-    trained = {name: getattr(pipe, name) for name in ARMS[args.arm]}
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    for module in trained.values():
-        module.requires_grad_(True)
-        module.train()
-    if args.gradient_checkpointing:
-        for module in trained.values():
-            module.gradient_checkpointing_enable() if hasattr(module, "gradient_checkpointing_enable") \
-                else module.enable_gradient_checkpointing()
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder)):
-        frozen_dtype = {} if name in trained or weight_dtype == torch.float32 else {"dtype": weight_dtype}
-        module.to(accelerator.device, **frozen_dtype)  # frozen modules in half precision when mixed
-
-    # --- data --------------------------------------------------------------------------------
-    data = _from_main(accelerator, lambda: local_spec(args.data))  # an MLflow artifact URI -> its local folder
-    if not main and DataSpec.parse(data).path is not None and not DataSpec.parse(data).path.exists():
-        data = local_spec(args.data)  # another host: its own copy
-    spec, table, labels, dataset = _data(args, tokenizer, resolution, data)
-    global_batch = args.batch_size * args.gradient_accumulation_steps * n_procs
-
-    def log_data():
-        tracking.log_input(mlflow.data.from_pandas(table, source=str(spec.path), name=f"{spec.format}-train"),
-                           context="training")
-        mlflow.log_dict(summarize(table), "data/summary.json")
-        tracking.log_params({"resolution_px": resolution, "n_train_images": len(dataset), "num_processes": n_procs,
-                             "global_batch_size": global_batch})
-
-    _from_main(accelerator, log_data)
-    latent_cache = None
-    if args.num_workers == 0 and dataset.images.preload():  # fits in memory: so do its latents
-        latent_cache = _latent_cache(dataset, vae)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    m = _models(args, accelerator)
+    pipe, trained, resolution = m.pipe, m.trained, m.resolution
+    table, labels, dataset, latent_cache, loader = _training_data(args, accelerator, m)
     prior = _class_images(pipe, args, resolution, accelerator) if args.prior_preservation else None
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids[0]
+    empty_ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                               return_tensors="pt").input_ids[0]
 
-    params = [p for m in trained.values() for p in m.parameters()]
+    params = [p for module in trained.values() for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-2)
     # The prepared scheduler steps once per process at each optimizer step (accelerate's default,
     # split_batches=False: each process adds a batch), so its warmup and length count that many.
@@ -606,7 +640,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
                                  + (f" per process ({n_procs} processes)" if n_procs > 1 else "")))
     # The forward pass goes through the prepared modules (under DDP, their backward all-reduces
     # the gradients); the frozen ones are used as they are.
-    forward = {"unet": unet, "text_encoder": text_encoder, **dict(zip(trained, models))}
+    forward = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, **dict(zip(trained, models))}
     emas = _emas(trained, args, accelerator) if main else []  # only the main process saves and draws them
 
     # --- resume ------------------------------------------------------------------------------
@@ -622,27 +656,33 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     grids = []
     debug = _Debug.from_env(accelerator)
 
+    def publish(path: Path) -> None:  # the main process logs the checkpoint and asks on_checkpoint
+        metrics.flush()
+        info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
+        mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
+        mlflow.set_tag(tracking.TAG_STEP, str(step))
+        with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
+            grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
+        mlflow.log_image(grid, f"grids/step_{step:06d}.png")
+        grids.append(first)
+        for module in trained.values():
+            module.train()
+        if on_checkpoint is not None and on_checkpoint(step, run_id) and step < args.steps:
+            accelerator.set_trigger()
+
     # --- steps -------------------------------------------------------------------------------
-    unet_dtype = unet.dtype  # a property that walks the module tree: read once, not every step
+    unet_dtype = pipe.unet.dtype  # a property that walks the module tree: read once, not every step
     progress = tqdm(total=args.steps, initial=step, desc=f"{args.arm}", disable=not main)
     window_start, window_images = time.perf_counter(), 0
     while step < args.steps:
         batch = next(batches)
         debug.batch(batch)
         with accelerator.accumulate(*models):
-            loss = _loss(batch, prior, args, vae, forward["unet"], forward["text_encoder"], noise_scheduler,
-                         weight_dtype, unet_dtype, latent_cache, empty_ids)
+            loss = _loss(batch, prior, args, pipe.vae, forward["unet"], forward["text_encoder"], m.noise_scheduler,
+                         m.weight_dtype, unet_dtype, latent_cache, empty_ids)
             loss = debug.inject(loss, step + 1)
-            # every process's loss (one all-gather): a NaN on any of them stops all of them here
             losses = accelerator.gather(loss.detach()[None]) if n_procs > 1 else loss.detach()[None]
-            if not torch.isfinite(losses).all():
-                metrics.flush()
-                last = _checkpoints(out)
-                bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-                where = f" in process {', '.join(map(str, bad))} of {n_procs}" if n_procs > 1 else ""
-                raise _agreed(NonFiniteLossError(
-                    f"loss is {losses[bad[0]].item()} at step {step + 1}{where} (learning_rate={args.learning_rate}); "
-                    f"stopped. Last good checkpoint: {last[-1] if last else 'none (no checkpoint was written yet)'}"))
+            _check_finite(losses, step + 1, args, out, metrics)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -666,22 +706,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
         metrics.log(row, step)
         if step % args.checkpoint_every == 0 or step == args.steps:
             path = _save_checkpoint(args, out, step, accelerator, pipe, emas, dict(zip(trained, models)))
-
-            def publish():  # the main process logs the checkpoint and asks on_checkpoint
-                metrics.flush()
-                info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
-                mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
-                mlflow.set_tag(tracking.TAG_STEP, str(step))
-                with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
-                    grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
-                mlflow.log_image(grid, f"grids/step_{step:06d}.png")
-                grids.append(first)
-                for module in trained.values():
-                    module.train()
-                if on_checkpoint is not None and on_checkpoint(step, run_id) and step < args.steps:
-                    accelerator.set_trigger()
-
-            _from_main(accelerator, publish)
+            _from_main(accelerator, lambda: publish(path))
             if accelerator.check_trigger():  # every process stops at the same step
                 if main:
                     mlflow.set_tag("harness.stopped_early", str(step))
