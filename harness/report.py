@@ -126,14 +126,14 @@ def _label(v) -> str:
     return f"{v.tags.get('arm', '?')} @ {v.tags.get('step', '?')}"
 
 
-def auc_table(study: dict) -> pd.DataFrame:
+def auc_table(model: dict) -> pd.DataFrame:
     """Numbers of the write-up's table: per-disease AUC with CI bounds, macro AUC, accuracy,
     balanced accuracy."""
     rows = {}
-    if study["baseline"] is not None:
-        rows[REAL] = classify_row(study["baseline"].data.metrics.get, study["findings"], cis=True)
-    for v in study["versions"]:
-        rows[study["labels"][str(v.version)]] = classify_row(lambda k, v=v: value(v, k), study["findings"], cis=True)
+    if model["baseline"] is not None:
+        rows[REAL] = classify_row(model["baseline"].data.metrics.get, model["findings"], cis=True)
+    for v in model["versions"]:
+        rows[model["labels"][str(v.version)]] = classify_row(lambda k, v=v: value(v, k), model["findings"], cis=True)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
@@ -148,12 +148,12 @@ def _num(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def arm_differences(study: dict) -> pd.DataFrame:
+def arm_differences(model: dict) -> pd.DataFrame:
     """The first arm's macro AUC minus each other arm's at each step both have a version, paired
     on the same test images (``harness.compare.difference_table`` of their classify runs, seed 0 as the
     pipeline's default)."""
     at = {}
-    for v in study["versions"]:  # the newest version of an arm @ step comes first
+    for v in model["versions"]:  # the newest version of an arm @ step comes first
         at.setdefault((v.tags.get("arm", "?"), v.tags.get("step", "?")), v)
     first = next(iter(at), ("?", "?"))[0]
     pairs = {f"{first} - {arm} @ {step}": (at[(first, step)].tags["classify_run_id"], v.tags["classify_run_id"])
@@ -163,24 +163,24 @@ def arm_differences(study: dict) -> pd.DataFrame:
     return difference_table(pairs, skip_incomparable=True)
 
 
-def checks_table(client: MlflowClient, study: dict) -> pd.DataFrame:
+def checks_table(client: MlflowClient, model: dict) -> pd.DataFrame:
     rows = {}
-    for v in study["versions"]:
+    for v in model["versions"]:
         row = checks_row(lambda k, v=v: value(v, k))
         run = _run(client, v.tags.get("finetune_run_id"))
         if run is not None and run.info.end_time:
             row["training time (s)"] = (run.info.end_time - run.info.start_time) / 1000
             row["throughput (img/s)"] = _num(run.data.metrics.get("throughput_images_per_s"))
-        rows[study["labels"][str(v.version)]] = row
+        rows[model["labels"][str(v.version)]] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "training data"
     return table
 
 
-def history_table(study: dict) -> pd.DataFrame:
-    table = pd.DataFrame(study["history"])
+def history_table(model: dict) -> pd.DataFrame:
+    table = pd.DataFrame(model["history"])
     if not table.empty:
-        table["champion now"] = table["version"] == study["champion"]
+        table["champion now"] = table["version"] == model["champion"]
     return table
 
 
@@ -325,10 +325,10 @@ def plot_auc_vs_steps(table: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_losses(client: MlflowClient, study: dict, path: Path) -> Path:
+def plot_losses(client: MlflowClient, model: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     seen = set()
-    for v in study["versions"]:
+    for v in model["versions"]:
         run_id = v.tags.get("finetune_run_id")
         if run_id in seen:
             continue
@@ -353,11 +353,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sample_grids(client: MlflowClient, study: dict, folder: Path) -> dict[str, Path]:
+def sample_grids(client: MlflowClient, model: dict, folder: Path) -> dict[str, Path]:
     """The disease-prompt grid each fine-tuning run logged at each registered checkpoint."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for v in study["versions"]:
+    for v in model["versions"]:
         run_id, step = v.tags.get("finetune_run_id"), int(v.tags.get("step", -1))
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -367,7 +367,7 @@ def sample_grids(client: MlflowClient, study: dict, folder: Path) -> dict[str, P
                 continue  # a run without grids (e.g. logged by hand)
             target = folder / f"{v.tags.get('arm')}_step_{step:06d}_v{v.version}.png"
             shutil.copy(local, target)
-            out[study["labels"][str(v.version)]] = target
+            out[model["labels"][str(v.version)]] = target
     return out
 
 
@@ -381,12 +381,12 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     md, body, written, summary = ["# Synthetic chest X-rays as training data", ""], [], [], []
     for name in names:
-        study = collect(client, name)
-        if not study["versions"]:
+        model = collect(client, name)
+        if not model["versions"]:
             raise ValueError(f"registered model {name!r} has no evaluated versions")
         slug = name
-        auc, checks, hist = auc_table(study), checks_table(client, study), history_table(study)
-        differences = arm_differences(study)
+        auc, checks, hist = auc_table(model), checks_table(client, model), history_table(model)
+        differences = arm_differences(model)
         for frame, stem in ((auc, "auc"), (differences, "arm_differences"), (checks, "checks"),
                             (hist, "champion_history")):
             path = out / f"{slug}_{stem}.csv"
@@ -394,16 +394,16 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
             written.append(path)
         plots = {"Per-disease AUC": plot_auc_bars(auc, out / f"{slug}_auc_bars.png"),
                  "Macro AUC against training steps": plot_auc_vs_steps(auc, out / f"{slug}_auc_vs_steps.png"),
-                 "Loss curves": plot_losses(client, study, out / f"{slug}_loss.png")}
-        grids = sample_grids(client, study, out / f"{slug}_grids")
+                 "Loss curves": plot_losses(client, model, out / f"{slug}_loss.png")}
+        grids = sample_grids(client, model, out / f"{slug}_grids")
         written += list(plots.values()) + list(grids.values())
 
-        champion = study["champion"]
+        champion = model["champion"]
         champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
-                      f"({study['labels'][champion].split(' (')[0]})"
+                      f"({model['labels'][champion].split(' (')[0]})"
                       if champion else "no champion yet (run `python -m registry.promote --name " + name + "`)")
         summary += [f"{name}: champion {champ_text}", display_auc(auc, lambda t: t).to_string(), ""]
-        baseline = study["baseline"]
+        baseline = model["baseline"]
         md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),
                f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
                "No real baseline is linked to these classify runs (`--baseline_run`).", "",

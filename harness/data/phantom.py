@@ -45,7 +45,7 @@ DEFAULT_PATIENTS = 1200  # enough test images for per-finding AUC CIs of a few h
 # is clearly below a perfect score on every finding (README: the quality section's real AUC).
 DEFAULT_DIFFICULTY = 0.8
 VIEWS = ("PA", "AP", "LATERAL")
-SPLITS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))  # by patient, in this order of patient ids
+SPLIT_FRACTIONS = (("train", 0.7), ("valid", 0.1), ("test", 0.2))  # by patient, in this order of patient ids
 ARCHIVE = "CheXpert-v1.0-small"
 TRUTH_CSV = "phantom_truth.csv"
 JPEG_QUALITY = 92  # near CheXpert-small's look; deterministic for a given pixel array
@@ -481,8 +481,8 @@ def _label_cells(split: str, truth: dict, signs: dict, rng: np.random.Generator)
 def _split_sizes(n_patients: int) -> list[int]:
     if n_patients < 3:
         raise ValueError(f"n_patients={n_patients}: need at least 3 (one per split)")
-    valid = max(1, round(n_patients * SPLITS[1][1]))
-    test = max(1, round(n_patients * SPLITS[2][1]))
+    valid = max(1, round(n_patients * SPLIT_FRACTIONS[1][1]))
+    test = max(1, round(n_patients * SPLIT_FRACTIONS[2][1]))
     return [n_patients - valid - test, valid, test]
 
 
@@ -536,8 +536,8 @@ def write_phantom(root, n_patients: int = DEFAULT_PATIENTS, seed: int = 0, diffi
         out = tmp / ARCHIVE
         out.mkdir()
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(n_patients)]
-        split_of = [name for (name, _), n in zip(SPLITS, sizes) for _ in range(n)]
-        rows = {name: [] for name, _ in SPLITS}
+        split_of = [name for (name, _), n in zip(SPLIT_FRACTIONS, sizes) for _ in range(n)]
+        rows = {name: [] for name, _ in SPLIT_FRACTIONS}
         truth = []
         for i in tqdm(range(n_patients), desc=f"phantom {out.name}", unit="patient"):
             for row, truth_row in _write_patient(out, split_of[i], i + 1, rngs[i], difficulty, size):
