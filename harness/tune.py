@@ -75,7 +75,7 @@ TAG = "harness.tune."
 
 @dataclass
 class TuneConfig(StepConfig):
-    arm: str = param(dataclasses.MISSING, "the arm whose learning rate and steps are searched",
+    arm: str = param("dreambooth", "the arm whose learning rate and steps are searched",
                      choices=sorted(finetune.ARMS), project=True)
     data: str = param("phantom", "real data: FORMAT:PATH or 'phantom' (train, valid and test)", project=True)
     pretrained_model: str = param("base", project=True)
