@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ from harness.data.datasets import SPLITS, image_tensor
 from harness.data.phantom import phantom_params
 from harness.generate import generated_source, judged, source_tags
 from harness.metrics import nan_mean, per_label_auc
+from harness.pathologies import FINDINGS as PHANTOM_FINDINGS  # what the phantom renderer can draw
 
 VIEW_LABEL = "lateral"  # the view classifier's one output: P(lateral)
 CACHE_VERSION = 1  # bump when a cached view classifier would no longer be what the code trains
@@ -118,17 +120,32 @@ def _batches(pixels: torch.Tensor, batch_size: int):
 
 def generated_table(spec: str | DataSpec, labels=()) -> pd.DataFrame:
     """Every image of a generated data set, all views: each split a chexpert folder has a csv for
-    (harness.generate writes train.csv and valid.csv), the train split of other formats; with the
-    ``labels`` columns (the prompts' labels)."""
+    (harness.generate writes train.csv and valid.csv), each split a folder set's labels.csv names
+    (harness.generate writes train and valid rows for labels other than CheXpert's), every split of
+    other formats; with the ``labels`` columns (the prompts' labels)."""
     spec = DataSpec.parse(spec)
     resolved = spec.resolve()
     splits = [s for s in SPLITS if resolved.format != "chexpert" or (resolved.path / f"{s}.csv").is_file()]
+    if resolved.format == "folder" and not resolved.option("holdout"):
+        splits = _folder_splits(resolved)
     if not splits:
         raise FileNotFoundError(f"generated data {spec}: no train.csv, valid.csv or test.csv in {resolved.path}")
     labels = list(labels)
     table = pd.concat([load_table(spec, s, views="all", labels=labels) for s in splits], ignore_index=True)
     table.attrs = {"spec": str(spec), "splits": splits, "labels": labels}
     return table
+
+
+def _folder_splits(spec: DataSpec) -> list[str]:
+    """The splits a folder set's label CSV has rows of: without a hold-out, no others load."""
+    csv = spec.path / spec.option("file", "labels.csv")
+    if not csv.is_file():
+        return ["train"]  # load_table says what is missing
+    column = pd.read_csv(csv, dtype=str, usecols=lambda c: c == "split")
+    if "split" not in column:
+        return ["train"]
+    named = set(column["split"].fillna("").str.strip())
+    return [s for s in SPLITS if s in named]
 
 
 # ------------------------------------------------------------------------------ saved classifiers
@@ -387,11 +404,10 @@ def phantom_renders(table: pd.DataFrame, params: dict, resolution: int, seed: in
     difficulty at its stored size, then resized as the loader resizes its files, so a classifier
     sees them as it saw the real phantom (noise drawn at the classifier's size is not averaged down)."""
     from harness.data.phantom import DEFAULT_DIFFICULTY, DEFAULT_SIZE, render
-    from harness.pathologies import FINDINGS  # what the phantom can draw
 
     rng = np.random.default_rng(seed)
     size, difficulty = params.get("size", DEFAULT_SIZE), params.get("difficulty", DEFAULT_DIFFICULTY)
-    drawn = [f for f in FINDINGS if f in table.columns]
+    drawn = [f for f in PHANTOM_FINDINGS if f in table.columns]
     out = []
     for row in table[["view", *drawn]].itertuples(index=False):
         view = "LATERAL" if row[0] == "lateral" else ("PA", "AP")[int(rng.integers(2))]
@@ -402,12 +418,23 @@ def phantom_renders(table: pd.DataFrame, params: dict, resolution: int, seed: in
 
 def adherence_and_ceiling(model: nn.Module, table: pd.DataFrame, real, seed: int = 0) -> tuple[dict, dict | None]:
     """``prompt_adherence`` of a ``generated_table`` and, when ``real`` is a phantom data set, the
-    same for the phantom renderer drawing its prompts (the ceiling; None for other data)."""
+    same for the phantom renderer drawing its prompts (the ceiling; None for other data, or for
+    labels the phantom draws none of); nan for a label the phantom cannot draw."""
     adherence = prompt_adherence(model, table)
-    params = phantom_params(DataSpec.parse(real).resolve().path)
-    if params is None:
+    if _no_ceiling(real, list(adherence)):
         return adherence, None
-    return adherence, prompt_adherence(model, table, phantom_renders(table, params, _trained_resolution(model), seed))
+    params = phantom_params(DataSpec.parse(real).resolve().path)
+    ceiling = prompt_adherence(model, table, phantom_renders(table, params, _trained_resolution(model), seed))
+    return adherence, {label: v if label in PHANTOM_FINDINGS else math.nan for label, v in ceiling.items()}
+
+
+def _no_ceiling(real, labels: list[str]) -> str | None:
+    """Why the phantom renderer gives no adherence ceiling for ``labels`` of ``real``; None if it does."""
+    if phantom_params(DataSpec.parse(real).resolve().path) is None:
+        return f"{real} is not a phantom data set"
+    if not set(labels) & set(PHANTOM_FINDINGS):
+        return f"the phantom draws none of the labels {labels}"
+    return None
 
 
 def _adherence(args, model: nn.Module) -> dict[str, float]:
@@ -422,7 +449,7 @@ def _adherence(args, model: nn.Module) -> dict[str, float]:
         return {}
     adherence, ceiling = adherence_and_ceiling(model, table, args.real, args.seed)
     if ceiling is None:
-        mlflow.set_tag("harness.adherence_ceiling", f"skipped: {args.real} is not a phantom data set")
+        mlflow.set_tag("harness.adherence_ceiling", f"skipped: {_no_ceiling(args.real, list(adherence))}")
         return named("adherence", adherence)
     return named("adherence", adherence) | named("adherence_ceiling", ceiling)
 

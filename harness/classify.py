@@ -1,8 +1,9 @@
 """Judge a training set by the classifier it makes: train on it, test per disease on REAL images.
 
 The study's yardstick (seed write-up): train a multi-label classifier on synthetic images (the
-generate step writes a CheXpert-layout folder, so ``--train chexpert:<dir>``), optionally mixed
-with real images, and measure per-disease AUC on a real test split - against the same entry point
+generate step writes a CheXpert-layout folder, so ``--train chexpert:<dir>``, or for labels other
+than CheXpert's a ``folder:<dir>``: ``generate.generated_spec`` names it), optionally mixed with
+real images, and measure per-label AUC on a real test split - against the same entry point
 trained on the real train split (the baseline; ``--baseline_run`` gives the paired difference).
 
     python -m harness.classify                                        # real baseline on the phantom

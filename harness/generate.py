@@ -1,9 +1,20 @@
-"""Generate a synthetic chest X-ray data set from a checkpoint, in the CheXpert layout.
+"""Generate a synthetic data set from a checkpoint, labelled with the labels of the data it was
+fine-tuned on.
+
+The labels come from the data: the fine-tuning run's ``--labels`` if it set them, else the label
+columns of its ``--data`` (``load_table(...).attrs["labels"]``; the five findings for chexpert,
+mimic and phantom data, their default). Chest X-ray labels (CheXpert's) give the CheXpert layout
+below; any other labels (a fundus ``folder:`` set's RG / NRG, say) give the ``folder`` layout,
+``<out>/labels.csv`` with ``path``, ``split`` (train / valid), ``view`` (when the data has views)
+and one 1/0 column per label, read back as ``folder:<out>``. The checkpoint's fine-tuning prompt
+template is used unless ``--template`` is given (so a ``--template 'a fundus photograph showing
+{findings}'`` fine-tune is sampled with its own prompts); "no finding" is prompted only where the
+data has images with no positive label, or for chest X-rays.
 
 Two ways to choose the prompts (``--prompts``):
 
-- ``disease`` (the write-up's): N images for each of the five single-finding prompts and
-  "no finding".
+- ``disease`` (the write-up's): N images for each single-finding prompt (the five findings by
+  default) and "no finding".
 - ``data``: each image's prompt is built from the label set of a row drawn at random from a real
   data set's train split (``--prompt_data``; default the data the checkpoint was fine-tuned on),
   the prompts the model was fine-tuned with. The synthetic set then has the real one's findings
@@ -12,13 +23,15 @@ Two ways to choose the prompts (``--prompts``):
   classifier than disease prompts (`python -m bench.synthetic_ratio --oracle`; README).
 
 Images are drawn in batches (many prompts per pipeline call) and written as
-``<out>/CheXpert-v1.0-small/{train,valid}.csv`` + grayscale JPEGs, labelled by the prompt that made
-them, so every loader reads them back like real data::
+``<out>/CheXpert-v1.0-small/{train,valid}.csv`` (or ``<out>/labels.csv``) + grayscale JPEGs,
+labelled by the prompt that made them, so every loader reads them back like real data::
 
     load_table("chexpert:<out>/CheXpert-v1.0-small", split="train")
+    load_table("folder:<out>", split="train", views="all")       # other labels
 
 The folder is also logged as the run's artifact ``synthetic``, so a step on a machine that shares
-only the tracking server reads it by URI (tag ``harness.generated_uri``; ``harness.artifacts``)::
+only the tracking server reads it by URI (tag ``harness.generated_uri``, with the layout's format;
+``harness.artifacts``)::
 
     python -m harness.classify --train chexpert:runs:/<generate run>/synthetic
 
@@ -101,7 +114,8 @@ class GenerateConfig(StepConfig):
                                   "disables guidance (diffusers guides only above 1)", project=True)
     resolution: int = param(0, "0 = the checkpoint's native size", project=True)
     view: str = param("frontal", choices=["frontal", "lateral"], project=True)
-    template: str = param(DEFAULT_TEMPLATE, "prompt template with {findings} (and {view})", project=True)
+    template: str = param(DEFAULT_TEMPLATE, "prompt template with {findings} (and {view}); left at the default, "
+                          "a fine-tuning run's own --template is used", project=True)
     no_finding_template: str = param(NO_FINDING_TEMPLATE)
     valid_fraction: float = param(0.1, "share of each prompt's images in valid.csv")
     mixed_precision: str = param("auto", "auto = fp16 on a GPU, else full precision",
@@ -183,9 +197,10 @@ DATA_ARTIFACT = "synthetic"
 
 
 def generated_spec(run_id: str) -> str:
-    """The data spec of a generate run's data set, for the next step: its artifact URI
-    (``chexpert:runs:/<run>/synthetic``), read in place on the host that still has the folder;
-    the local folder for a run logged before data sets were artifacts."""
+    """The data spec of a generate run's data set, for the next step: its artifact URI with its
+    layout's format (``chexpert:runs:/<run>/synthetic``, ``folder:runs:/<run>/synthetic`` for
+    labels other than CheXpert's), read in place on the host that still has the folder; the local
+    folder for a run logged before data sets were artifacts."""
     tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
     return tags.get(GENERATED_URI_TAG) or tags[GENERATED_DATA_TAG]
 
@@ -240,9 +255,10 @@ def generated_source(spec) -> dict | None:
         spec = DataSpec.parse(spec)
     except ValueError:
         return None
-    if spec.format != "chexpert" or spec.path is None:
+    if spec.format not in ("chexpert", "folder") or spec.path is None:
         return None
-    meta = spec.resolve().path.parent / "generate.json"
+    root = spec.resolve().path  # the CheXpert archive folder inside the output folder, or the folder itself
+    meta = (root.parent if spec.format == "chexpert" else root) / "generate.json"
     if not meta.is_file():
         return None
     return json.loads(meta.read_text()).get("source")
@@ -304,13 +320,13 @@ def generate(args, run_id: str) -> Path:
     mlflow.set_tags(source_tags(source_info))
     if judged(source_info) != "generated":
         mlflow.tracking.MlflowClient().update_run(run_id, name=f"generate · {judged(source_info)}")
-    by_finding = disease_prompts(FINDINGS, view=args.view, template=args.template,
-                                 no_finding_template=args.no_finding_template)
+    data = data_labels(args, source_info.get("source_run"))
+    args = _tuned_template(args, source_info.get("source_run"))
+    by_finding = finding_prompts(data, args)
     label_sets = None
     if args.prompts == "data":
-        spec = prompt_data(args)
-        mlflow.log_param("prompt_data_used", spec)
-        label_sets = data_label_sets(spec, args.view)
+        mlflow.log_param("prompt_data_used", data.spec)
+        label_sets = data_label_sets(data.spec, data.views(args.view), data.labels)
     jobs = image_jobs(args, by_finding, label_sets)
 
     pipe, source = load(args)
@@ -325,30 +341,32 @@ def generate(args, run_id: str) -> Path:
     remove_stale_tmp(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_tmp_owner()}", dir=out.parent))
     try:
-        rows, grid = _write(pipe, jobs, args, resolution, tmp, source_info)
+        rows, grid = _write(pipe, jobs, args, resolution, tmp, source_info, data)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     # MLflow: where the data set is, what is in it, what it looks like, how fast it came
-    spec = f"chexpert:{out / ARCHIVE}"
+    fmt, root = data.layout, out / ARCHIVE if data.layout == "chexpert" else out
+    spec = f"{fmt}:{root}"
     mlflow.set_tag(GENERATED_DATA_TAG, spec)
+    mlflow.log_param("label_names", json.dumps(data.labels))
     for split in ("train", "valid"):
         if any(j["split"] == split for j in jobs):  # (grid-only jobs have no split)
-            table = load_table(DataSpec.parse(spec), split=split, views="all", labels=FINDINGS + [NO_FINDING])
-            tracking.log_input(mlflow.data.from_pandas(table, source=str(out / ARCHIVE), name=f"generated-{split}"),
+            table = load_table(DataSpec.parse(spec), split=split, views="all", labels=data.written_labels())
+            tracking.log_input(mlflow.data.from_pandas(table, source=str(root), name=f"generated-{split}"),
                              context="generated")
             mlflow.log_dict(summarize(table), f"data/summary_{split}.json")
     mlflow.log_artifact(str(out / "prompts.csv"), "data")
     # The data set itself, images and csvs: later steps on any machine read it by this URI
-    mlflow.set_tag(GENERATED_URI_TAG, f"chexpert:{log_folder(out, DATA_ARTIFACT)}")
+    mlflow.set_tag(GENERATED_URI_TAG, f"{fmt}:{log_folder(out, DATA_ARTIFACT)}")
     mlflow.log_metrics(rows)
     if grid:
         columns = list(by_finding)
         mlflow.log_image(labelled_grid(grid, columns), "grids/samples.png")
         mlflow.log_dict({"columns": columns, "prompts": by_finding}, "grids/samples.json")
     print(f"{rows['n_images']} images at {rows['throughput_images_per_s']:.2f} images/s -> {spec} "
-          f"(artifact chexpert:runs:/{run_id}/{DATA_ARTIFACT})")
+          f"(artifact {fmt}:runs:/{run_id}/{DATA_ARTIFACT})")
     return out
 
 
@@ -419,26 +437,124 @@ def image_jobs(args, by_finding: dict[str, str], label_sets: list[list[str]] | N
                    for p, prompt in enumerate(by_finding.values()) for i in range(rows)]
 
 
-def prompt_data(args) -> str:
-    """The data set whose label sets make the data prompts: ``--prompt_data``, else the
-    fine-tuning run's ``--data`` (with ``--run_id``), else the phantom."""
+def prompt_data(args, source_run: str | None = None) -> str:
+    """The data set whose labels (and label sets, for data prompts) the generated set takes:
+    ``--prompt_data``, else the fine-tuning run's ``--data`` (``--run_id``, or ``source_run``: the
+    run behind a registered checkpoint), else the phantom."""
     if args.prompt_data:
         return args.prompt_data
     if args.run_id:
         return mlflow.tracking.MlflowClient().get_run(args.run_id).data.params.get("data") or "phantom"
+    if source_run:
+        try:
+            return mlflow.tracking.MlflowClient().get_run(source_run).data.params.get("data") or "phantom"
+        except MlflowException:  # a registered version whose fine-tuning run is gone
+            log.warning("fine-tuning run %s of the checkpoint is not in the store: labels from the phantom", source_run)
     return "phantom"
 
 
-def data_label_sets(spec: str, view: str = "frontal") -> list[list[str]]:
-    """The positive findings of every ``view`` image in the train split of ``spec`` (a local path
-    or an MLflow artifact URI)."""
-    table = load_table(DataSpec.parse(local_spec(spec)), split="train", views=view, labels=FINDINGS)  # raises if empty
-    positive = table[FINDINGS].to_numpy() == 1.0  # as prompts_for_table: NaN (uncertain, unmentioned) is not
-    return [[f for f, on in zip(FINDINGS, row) if on] for row in positive]
+# Formats whose loader defaults to FINDINGS: their labels need no reading of the data.
+CXR_FORMATS = ("chexpert", "mimic", "phantom")
 
 
-def _write(pipe, jobs: list[dict], args, resolution: int, root: Path, source: dict | None = None):
-    """Sample every job into root (CheXpert layout + prompts.csv); returns metrics and the grid rows."""
+@dataclass(frozen=True)
+class DataLabels:
+    """What a generated set is labelled with: the labels of ``spec`` (the data the checkpoint was
+    fine-tuned on) without "No Finding", and the layout they are written in: ``chexpert`` for
+    CheXpert labels (as the study always wrote), else ``folder`` (``<out>/labels.csv``).
+    ``has_views``: the data names its images' views (a folder set may not); ``no_finding``: the
+    no-finding prompt is one to draw (always for chest X-rays; elsewhere when some image of the data
+    has no positive label: one-hot labels such as RG / NRG have none)."""
+
+    spec: str
+    labels: list[str]
+    has_views: bool = True
+    no_finding: bool = True
+
+    @property
+    def layout(self) -> str:
+        return "chexpert" if set(self.labels) <= set(CHEXPERT_LABELS) else "folder"
+
+    def views(self, view: str) -> str:
+        """The ``load_table`` views that data prompts are drawn from."""
+        return view if self.has_views else "all"
+
+    def written_labels(self) -> list[str]:
+        """The label columns the generated set is read back with."""
+        return self.labels + [NO_FINDING] if self.layout == "chexpert" else list(self.labels)
+
+
+def _finetune_param(run_id: str | None, name: str) -> str | None:
+    """A fine-tuning run's logged parameter; None when unset (logged as ``None`` or empty)."""
+    if not run_id:
+        return None
+    try:
+        value = mlflow.tracking.MlflowClient().get_run(run_id).data.params.get(name)
+    except MlflowException:  # as prompt_data: a registered version whose fine-tuning run is gone
+        return None
+    return None if value in (None, "", "None") else value
+
+
+def data_labels(args, source_run: str | None = None) -> DataLabels:
+    """The labels of the data the checkpoint was fine-tuned on (``prompt_data``): the fine-tuning
+    run's ``--labels`` if it set them, else the data's own (``load_table``'s ``attrs["labels"]``;
+    FINDINGS for chexpert, mimic and phantom data, read without loading it)."""
+    spec = prompt_data(args, source_run)
+    given = _finetune_param(args.run_id or source_run, "labels")
+    labels = [l.strip() for l in given.split(",") if l.strip()] if given else None
+    if DataSpec.parse(spec).format in CXR_FORMATS:
+        labels = [l for l in (labels or FINDINGS) if l != NO_FINDING]
+        if set(labels) <= set(CHEXPERT_LABELS):
+            return DataLabels(spec, labels)
+    # Any other data is read: its label names, whether it has views, whether it has no-finding images.
+    table = load_table(DataSpec.parse(local_spec(spec)), split="train", views="all", labels=labels)
+    labels = [l for l in table.attrs["labels"] if l != NO_FINDING]
+    if not labels:
+        raise ValueError(f"data set {spec} has no labels to prompt for")
+    return DataLabels(spec, labels, has_views=bool(table["view"].astype(str).str.strip().ne("").any()),
+                      no_finding=bool((table[labels].to_numpy() != 1.0).all(axis=1).any()))
+
+
+def finding_prompts(data: DataLabels, args) -> dict[str, str]:
+    """The single-finding prompts per label, and ``NO_FINDING``'s where the data has such images
+    (``DataLabels.no_finding``), with the data's view (none for data without views)."""
+    view = args.view if data.has_views else ""
+    try:
+        if data.no_finding:
+            return disease_prompts(data.labels, view, args.template, args.no_finding_template)
+        return {label: make_prompt([label], view, args.template, args.no_finding_template) for label in data.labels}
+    except ValueError as err:
+        if view:
+            raise
+        raise ValueError(f"{err}: data set {data.spec} has no views; pass a --template (and "
+                         "--no_finding_template) without {view}, e.g. 'a fundus photograph showing "
+                         "{findings}'") from None
+
+
+def _tuned_template(args, source_run: str | None):
+    """``args``, its template the fine-tuning run's ``--template`` when ``--template`` is left at
+    the default: a checkpoint is sampled with the prompts it was fine-tuned on."""
+    tuned = _finetune_param(args.run_id or source_run, "template")
+    if not tuned or args.template != DEFAULT_TEMPLATE or tuned == args.template:
+        return args
+    log.info("using the fine-tuning run's prompt template %r", tuned)
+    mlflow.log_param("template_used", tuned)
+    return args.replace(template=tuned)
+
+
+def data_label_sets(spec: str, view: str = "frontal", labels: list[str] | None = None) -> list[list[str]]:
+    """The positive labels (default FINDINGS) of every ``view`` image in the train split of
+    ``spec`` (a local path or an MLflow artifact URI)."""
+    labels = list(FINDINGS if labels is None else labels)
+    table = load_table(DataSpec.parse(local_spec(spec)), split="train", views=view, labels=labels)  # raises if empty
+    positive = table[labels].to_numpy() == 1.0  # as prompts_for_table: NaN (uncertain, unmentioned) is not
+    return [[f for f, on in zip(labels, row) if on] for row in positive]
+
+
+def _write(pipe, jobs: list[dict], args, resolution: int, root: Path, source: dict | None = None,
+           data: DataLabels | None = None):
+    """Sample every job into root (the data's layout + prompts.csv); returns metrics and the grid rows."""
+    data = data or DataLabels("phantom", list(FINDINGS))
     archive = root / ARCHIVE
     name = "view1_frontal.jpg" if args.view == "frontal" else "view2_lateral.jpg"
     cells = [j["grid"] for j in jobs if j["grid"] is not None]
@@ -458,17 +574,27 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path, source: di
             if job["split"] is None:
                 continue
             written.append(job)
-            path = f"{ARCHIVE}/{job['split']}/patient{len(written):05d}/study1/{name}"
+            if data.layout == "chexpert":
+                path = f"{ARCHIVE}/{job['split']}/patient{len(written):05d}/study1/{name}"
+                row = {"Path": path, "Frontal/Lateral": args.view.capitalize(),
+                       **label_cells(job["labels"], data.labels)}
+            else:
+                path = f"images/{job['split']}/{len(written):05d}.jpg"
+                row = {"path": path, "split": job["split"], **({"view": args.view} if data.has_views else {}),
+                       **{label: "1" if label in job["labels"] else "0" for label in data.labels}}
             job["path"] = path
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             image.save(root / path, quality=JPEG_QUALITY)
-            csv_rows[job["split"]].append({"Path": path, "Frontal/Lateral": args.view.capitalize(),
-                                           **label_cells(job["labels"])})
+            csv_rows[job["split"]].append(row)
         progress.update(len(images))
         t0 = time.perf_counter()
     progress.close()
-    for split, split_rows in csv_rows.items():
-        write_csv(archive / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
+    if data.layout == "chexpert":
+        for split, split_rows in csv_rows.items():
+            write_csv(archive / f"{split}.csv", CHEXPERT_COLUMNS, split_rows)
+    else:  # one labels.csv, its split column train / valid: folder:<out> reads it (no hold-out)
+        write_csv(root / "labels.csv", ["path", "split", *(["view"] if data.has_views else []), *data.labels],
+                  csv_rows["train"] + csv_rows["valid"])
     write_csv(root / "prompts.csv", ["path", "split", "labels", "prompt", "seed"],
               [{**{k: j[k] for k in ("path", "split", "prompt", "seed")},
                 "labels": "|".join(j["labels"]) or NO_FINDING} for j in written])
@@ -480,15 +606,15 @@ def _write(pipe, jobs: list[dict], args, resolution: int, root: Path, source: di
     return metrics, grid
 
 
-def label_cells(positives: list[str]) -> dict:
+def label_cells(positives: list[str], findings: list[str] = FINDINGS) -> dict:
     """CheXpert cells for an image of a prompt naming ``positives``: 1.0 for them, 0.0 for the
-    other findings (No Finding is 1.0 when there are none), blank for observations the prompts
+    other ``findings`` (No Finding is 1.0 when there are none), blank for observations the prompts
     do not speak of."""
-    unknown = sorted(set(positives) - set(FINDINGS))
+    unknown = sorted(set(positives) - set(findings))
     if unknown:
-        raise ValueError(f"label(s) {unknown} are not among the findings {FINDINGS}")
+        raise ValueError(f"label(s) {unknown} are not among the findings {findings}")
     cells = {label: "" for label in CHEXPERT_LABELS}
-    for label in FINDINGS:
+    for label in findings:
         cells[label] = "1.0" if label in positives else "0.0"
     cells[NO_FINDING] = "0.0" if positives else "1.0"
     return cells
