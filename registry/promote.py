@@ -1,8 +1,8 @@
 """Set the ``champion`` alias on the best evaluated version, guarded by a margin.
 
-    python -m registry.promote --name cxr-sd-phantom                 # best by auc_macro
-    python -m registry.promote --name cxr-sd-phantom --margin 0.01   # move only for a clear win
-    python -m registry.promote --name cxr-sd-phantom --version 7     # this one, if it wins
+    python -m harness promote --name cxr-sd-phantom                 # best by auc_macro
+    python -m harness promote --name cxr-sd-phantom --margin 0.01   # move only for a clear win
+    python -m harness promote --name cxr-sd-phantom --version 7     # this one, if it wins
 
 The alias moves when there is no champion yet, or when the candidate's metric beats the current
 champion's by more than ``margin``. A move is recorded on the new champion as tags
@@ -18,7 +18,6 @@ with one champion, the better one, whichever writes last.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -27,10 +26,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from harness.config import StepConfig, param, parse
 from registry.register import MODEL_PREFIX, value
 
-log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 DEFAULT_METRIC = "auc_macro"  # the write-up's headline figure
@@ -137,38 +134,3 @@ def history(name: str, alias: str = ALIAS, client: MlflowClient | None = None) -
                          "superseded_by": v.tags.get("promotion.superseded_by"),
                          "time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(v.tags[TIME_TAG]) / 1e9))})
     return [{k: v for k, v in r.items() if k != "ns"} for r in sorted(rows, key=lambda r: r["ns"])]
-
-
-@dataclass
-class PromoteConfig(StepConfig):
-    name: str = param(f"{MODEL_PREFIX}-phantom", f"registered model ({MODEL_PREFIX}-<data>)", project=True)
-    metric: str = param(DEFAULT_METRIC, project=True)
-    margin: float = param(0.0, "how much the candidate must beat the champion by", project=True)
-    alias: str = param(ALIAS)
-    version: str = param("", "promote this version (default: the best evaluated one)", project=True)
-    experiment: str | None = param(None, "MLflow experiment (default: MLFLOW_EXPERIMENT_NAME / _ID)", key=False)
-
-    def check(self) -> None:
-        self.not_negative("margin")
-
-
-def run(config: PromoteConfig) -> Decision:
-    """Promote, in a run of its own: the audit trail of who asked for what (and the run `mlflow run` makes)."""
-    from harness import tracking
-
-    with tracking.tracked_run("promote", config.experiment, tags={"harness.entry_point": "promote"}):
-        tracking.log_params({k: v for k, v in config.params().items() if k != "experiment"})
-        decision = promote(config.name, config.metric, config.margin, config.alias, config.version or None)
-        mlflow.set_tags({"harness.champion": str(decision.champion), "harness.moved": str(decision.moved),
-                         "harness.reason": decision.reason[:5000]})
-    log.info(f"{config.name}@{config.alias} -> version {decision.champion}: {decision.reason}")
-    return decision
-
-
-def main(argv=None) -> Decision:
-    return run(parse(PromoteConfig, argv, prog="python -m registry.promote"))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main()

@@ -17,7 +17,7 @@ Everything is checked before anything is written, and the version is created wit
 one call: a bad input leaves no half-written entry. Registering the same checkpoint again
 returns the existing version.
 
-    python -m registry.register --finetune_run <id> --step 200 --classify_run <id> [--checks_run <id>]
+    python -m harness register --finetune_run <id> --step 200 --classify_run <id> [--checks_run <id>]
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ import hashlib
 import math
 import os
 import re
-from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from harness.config import StepConfig, param, parse
 
 MODEL_PREFIX = "cxr-sd"
 CHECKPOINT_TAG = "harness.checkpoint.{step:06d}"  # set by harness.finetune on each checkpoint
@@ -140,36 +138,3 @@ def value(version: ModelVersion, metric: str) -> float | None:
     except ValueError:
         return None
     return None if math.isnan(out) else out
-
-
-@dataclass
-class RegisterConfig(StepConfig):
-    finetune_run: str = param(help="the fine-tuning run whose checkpoint is registered", project=True)
-    step: int = param(help="the checkpoint's step", project=True)
-    classify_run: str = param(help="the classify run that judged its generated data", project=True)
-    generate_run: str = param("", project=True)
-    checks_run: str = param("", project=True)
-    name: str = param("", f"registered model name (default {MODEL_PREFIX}-<data>)", project=True)
-
-    def check(self) -> None:
-        self.not_negative("step")
-
-
-def run(config: RegisterConfig) -> ModelVersion:
-    """Register the checkpoint (or find it registered); prints and returns its version."""
-    from harness import tracking
-
-    tracking.use_project_store()
-    version = register_checkpoint(config.finetune_run, config.step, config.classify_run,
-                                  config.generate_run or None, config.checks_run or None, config.name or None)
-    print(f"{version.name} version {version.version}: {version.tags.get('arm')} @ {version.tags.get('step')}, "
-          f"auc_macro {version.tags.get('auc_macro')}")
-    return version
-
-
-def main(argv=None) -> ModelVersion:
-    return run(parse(RegisterConfig, argv, prog="python -m registry.register"))
-
-
-if __name__ == "__main__":
-    main()

@@ -78,8 +78,8 @@ def test_every_entry_point_has_a_config_and_a_run():
     ("harness.data.phantom", ["--patients", "2"]),
     ("harness.base.build", ["--batch_size", "0"]),
     ("harness.report", ["--log", "maybe"]),
-    ("registry.register", ["--step", "1", "--classify_run", "c"]),  # --finetune_run is required
-    ("registry.promote", ["--margin", "-0.1"]),
+    ("harness.register", ["--step", "1", "--classify_run", "c"]),  # --finetune_run is required
+    ("harness.promote", ["--margin", "-0.1"]),
 ])
 def test_bad_input_exits_2_before_any_work(module, argv, capsys):
     import importlib

@@ -50,7 +50,7 @@ def fundus_folder(root, n_train: int = 12, n_test: int = 8, size: int = 32):
 
 
 def test_a_two_label_folder_set_goes_end_to_end(mlflow_store, tiny_pipeline_dir, tmp_path):
-    from registry import register
+    from harness import register
     from harness import report
 
     real = fundus_folder(tmp_path / "fundus")

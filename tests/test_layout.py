@@ -97,3 +97,11 @@ def test_model_modules_import_no_mlflow():
     modules = _modules()
     for name in MODEL_MODULES:
         assert not any(m == "mlflow" or m.startswith("mlflow.") for m in _imports(modules[name])), name
+
+
+def test_registry_imports_nothing_of_harness():
+    """registry/ is the library the steps use (pyfunc model, registering, the champion alias);
+    the steps' command lines live in harness/, so the two packages form no cycle."""
+    for name, path in _modules().items():
+        if name.startswith("registry"):
+            assert not any(m == "harness" or m.startswith("harness.") for m in _imports(path)), name

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from registry import promote as promote_module
+from harness import promote as promote_step
 from registry.promote import history, promote
 from registry.pyfunc import log_pipeline
 from registry.register import model_name, register_checkpoint
@@ -149,7 +150,7 @@ def test_promote_refuses_unevaluated_version(checkpoint):
     with pytest.raises(ValueError, match=f"version {bare.version} has no evaluation metric 'auc_macro'"):
         promote(NAME, version=bare.version)
     with pytest.raises(ValueError, match="no evaluation metric"):  # the entry point: its run ends FAILED
-        promote_module.main(["--name", NAME, "--version", str(bare.version)])
+        promote_step.main(["--name", NAME, "--version", str(bare.version)])
     runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()],
                                       "tags.`harness.entry_point` = 'promote'")
     assert [r.info.status for r in runs] == ["FAILED"]
@@ -201,7 +202,7 @@ def test_racing_promotion_processes(checkpoint, mlflow_store):
     for step, auc in ((1, 0.6), (2, 0.7), (3, 0.8)):
         register_checkpoint(run, step, evaluation(auc))
     promote(NAME, version=1)
-    procs = [subprocess.Popen([sys.executable, "-m", "registry.promote", "--name", NAME, "--version", v],
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.promote", "--name", NAME, "--version", v],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for v in ("2", "3")]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
