@@ -401,7 +401,7 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
         champion = model["champion"]
         champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
                       f"({model['labels'][champion].split(' (')[0]})"
-                      if champion else "no champion yet (run `python -m registry.promote --name " + name + "`)")
+                      if champion else "no champion yet (run `python -m harness promote --name " + name + "`)")
         summary += [f"{name}: champion {champ_text}", display_auc(auc, lambda t: t).to_string(), ""]
         baseline = model["baseline"]
         md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),
