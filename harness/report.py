@@ -29,6 +29,7 @@ import base64
 import html
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -372,6 +373,112 @@ def sample_grids(client: MlflowClient, model: dict, folder: Path) -> dict[str, P
 
 
 # ------------------------------------------------------------------------------------- write
+# The report is a list of blocks, rendered once as Markdown and once as HTML: one text, two formats.
+@dataclass
+class Block:
+    kind: str  # "h2", "h3", "p", "table", "image"
+    text: str = ""  # a heading, a paragraph (`code` spans allowed), an image's title
+    table: object = None  # a DataFrame, or bold -> DataFrame for tables that mark the best cells
+    float_format: str | None = None
+    index: bool = True
+    path: Path | None = None  # an image
+    link: str = ""  # an image's path relative to the report
+
+
+def _markdown(blocks: list[Block]) -> str:
+    md = ["# Synthetic chest X-rays as training data", ""]
+    for b in blocks:
+        if b.kind in ("h2", "h3"):
+            md += [f"{'#' * int(b.kind[1])} {b.text}", ""]
+        elif b.kind == "p":
+            md += [b.text, ""]
+        elif b.kind == "table":
+            frame = b.table(lambda t: f"**{t}**") if callable(b.table) else b.table
+            md += [frame.to_markdown(index=b.index, **({"floatfmt": b.float_format} if b.float_format else {})), ""]
+        else:
+            md += [f"![{b.text}]({b.link})", ""]
+    return "\n".join(md)
+
+
+def _html(blocks: list[Block]) -> str:
+    body = []
+    for b in blocks:
+        if b.kind in ("h2", "h3"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append("<p>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(b.text)) + "</p>")
+        elif b.kind == "table":
+            frame = b.table(lambda t: f"<b>{t}</b>") if callable(b.table) else b.table
+            fmt = (lambda x, spec=b.float_format: f"{x:{spec}}") if b.float_format else None
+            body.append(frame.to_html(escape=not callable(b.table), index=b.index, index_names=False, float_format=fmt))
+        else:
+            body.append(_img(b.path))
+    return HTML.format(body="\n".join(body))
+
+
+def model_blocks(client: MlflowClient, name: str, out: Path) -> tuple[list[Block], list[Path], list[str]]:
+    """One registered model's section: its tables (also written as CSVs), plots and sample grids;
+    the files written; the summary lines printed."""
+    model = collect(client, name)
+    if not model["versions"]:
+        raise ValueError(f"registered model {name!r} has no evaluated versions")
+    auc, checks, hist = auc_table(model), checks_table(client, model), history_table(model)
+    differences = arm_differences(model)
+    written = []
+    for frame, stem in ((auc, "auc"), (differences, "arm_differences"), (checks, "checks"),
+                        (hist, "champion_history")):
+        path = out / f"{name}_{stem}.csv"
+        frame.to_csv(path, index=stem != "champion_history")
+        written.append(path)
+    plots = {"Per-disease AUC": plot_auc_bars(auc, out / f"{name}_auc_bars.png"),
+             "Macro AUC against training steps": plot_auc_vs_steps(auc, out / f"{name}_auc_vs_steps.png"),
+             "Loss curves": plot_losses(client, model, out / f"{name}_loss.png")}
+    grids = sample_grids(client, model, out / f"{name}_grids")
+    written += list(plots.values()) + list(grids.values())
+
+    champion = model["champion"]
+    champ_text = (f"`models:/{name}@{ALIAS}` = version {champion} ({model['labels'][champion].split(' (')[0]})"
+                  if champion else f"no champion yet (run `python -m harness promote --name {name}`)")
+    baseline = model["baseline"]
+    blocks = [Block("h2", name), Block("p", f"Champion: {champ_text}."),
+              Block("p", f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
+                    "No real baseline is linked to these classify runs (`--baseline_run`)."),
+              Block("h3", "AUC on the real test split (95% bootstrap CI; best per column in bold)"),
+              Block("table", table=lambda bold: display_auc(auc, bold))]
+    if not differences.empty:
+        blocks += [Block("h3", DIFFERENCES_TITLE), Block("table", table=differences, float_format=".3f")]
+    blocks += [Block("h3", "Checks, training time and throughput"),
+               Block("table", table=lambda bold: display_checks(checks, bold)),
+               Block("h3", "Champion history"),
+               Block("table", table=hist, index=False) if not hist.empty else Block("p", "no promotion yet")]
+    for title, path in plots.items():
+        blocks += [Block("h3", title), Block("image", title, path=path, link=path.name)]
+    for label, path in grids.items():
+        blocks += [Block("h3", f"Samples: {label}"),
+                   Block("image", f"Samples: {label}", path=path, link=f"{path.parent.name}/{path.name}")]
+    summary = [f"{name}: champion {champ_text.replace('`', '')}", display_auc(auc, lambda t: t).to_string(), ""]
+    return blocks, written, summary
+
+
+def tuning_blocks(studies: dict, out: Path) -> tuple[list[Block], list[Path]]:
+    """Each Optuna study's trials (also a CSV) and its objective against learning rate and steps."""
+    blocks, written = ([Block("h2", "Tuning (Optuna)")] if studies else []), []
+    for study_name, study in studies.items():
+        trials = study["trials"]
+        slug = "tuning_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in study_name)
+        trials.to_csv(out / f"{slug}_trials.csv", index=False)
+        written.append(out / f"{slug}_trials.csv")
+        facts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in study["summary"].items())
+        blocks += [Block("h3", f"Study {study_name}"), Block("p", facts),
+                   Block("table", table=trials, index=False, float_format=".4g")]
+        column = next((c for c in TUNING_VALUES if c in trials and trials[c].notna().any()), None)
+        if column is not None:
+            plot = plot_tuning(trials, out / f"{slug}.png", column)
+            written.append(plot)
+            blocks.append(Block("image", f"{column} against learning rate and steps", path=plot, link=plot.name))
+    return blocks, written
+
+
 def build(client: MlflowClient, names: list[str], out: Path) -> dict:
     studies = tuning_tables([e.experiment_id for e in client.search_experiments()])
     if not names and not studies:
@@ -379,78 +486,14 @@ def build(client: MlflowClient, names: list[str], out: Path) -> dict:
                          "and there is no tuning study; run the pipeline first, e.g. "
                          "`mlflow run . -e pipeline --env-manager local`")
     out.mkdir(parents=True, exist_ok=True)
-    md, body, written, summary = ["# Synthetic chest X-rays as training data", ""], [], [], []
+    blocks, written, summary = [], [], []
     for name in names:
-        model = collect(client, name)
-        if not model["versions"]:
-            raise ValueError(f"registered model {name!r} has no evaluated versions")
-        slug = name
-        auc, checks, hist = auc_table(model), checks_table(client, model), history_table(model)
-        differences = arm_differences(model)
-        for frame, stem in ((auc, "auc"), (differences, "arm_differences"), (checks, "checks"),
-                            (hist, "champion_history")):
-            path = out / f"{slug}_{stem}.csv"
-            frame.to_csv(path, index=stem != "champion_history")
-            written.append(path)
-        plots = {"Per-disease AUC": plot_auc_bars(auc, out / f"{slug}_auc_bars.png"),
-                 "Macro AUC against training steps": plot_auc_vs_steps(auc, out / f"{slug}_auc_vs_steps.png"),
-                 "Loss curves": plot_losses(client, model, out / f"{slug}_loss.png")}
-        grids = sample_grids(client, model, out / f"{slug}_grids")
-        written += list(plots.values()) + list(grids.values())
-
-        champion = model["champion"]
-        champ_text = (f"models:/{name}@{ALIAS} = version {champion} "
-                      f"({model['labels'][champion].split(' (')[0]})"
-                      if champion else "no champion yet (run `python -m harness promote --name " + name + "`)")
-        summary += [f"{name}: champion {champ_text}", display_auc(auc, lambda t: t).to_string(), ""]
-        baseline = model["baseline"]
-        md += [f"## {name}", "", f"Champion: {champ_text}.".replace(f"models:/{name}@{ALIAS}", f"`models:/{name}@{ALIAS}`"),
-               f"Real baseline: classify run `{baseline.info.run_id}`." if baseline is not None else
-               "No real baseline is linked to these classify runs (`--baseline_run`).", "",
-               "### AUC on the real test split (95% bootstrap CI; best per column in bold)", "",
-               display_auc(auc, lambda t: f"**{t}**").to_markdown(), ""]
-        if not differences.empty:
-            md += [f"### {DIFFERENCES_TITLE}", "", differences.to_markdown(floatfmt=".3f"), ""]
-        md += ["### Checks, training time and throughput", "",
-               display_checks(checks, lambda t: f"**{t}**").to_markdown(), "",
-               "### Champion history", "",
-               hist.to_markdown(index=False) if not hist.empty else "no promotion yet", ""]
-        md += [f"### {title}\n\n![{title}]({p.name})\n" for title, p in plots.items()]
-        md += [f"### Samples: {label}\n\n![{label}]({p.parent.name}/{p.name})\n" for label, p in grids.items()]
-
-        bold = lambda t: f"<b>{t}</b>"  # noqa: E731
-        body += [f"<h2>{html.escape(name)}</h2>", f"<p>Champion: {html.escape(champ_text)}</p>",
-                 "<h3>AUC on the real test split (95% bootstrap CI; best per column in bold)</h3>",
-                 display_auc(auc, bold).to_html(escape=False, index_names=False)]
-        if not differences.empty:
-            body += [f"<h3>{html.escape(DIFFERENCES_TITLE)}</h3>",
-                     differences.to_html(index_names=False, float_format=lambda x: f"{x:.3f}")]
-        body += ["<h3>Checks, training time and throughput</h3>",
-                 display_checks(checks, bold).to_html(escape=False, index_names=False),
-                 "<h3>Champion history</h3>",
-                 hist.to_html(index=False) if not hist.empty else "<p>no promotion yet</p>"]
-        body += [f"<h3>{html.escape(t)}</h3>{_img(p)}" for t, p in plots.items()]
-        body += [f"<h3>Samples: {html.escape(label)}</h3>{_img(p)}" for label, p in grids.items()]
-    if studies:
-        md += ["## Tuning (Optuna)", ""]
-        body += ["<h2>Tuning (Optuna)</h2>"]
-    for study_name, study in studies.items():
-        trials, summary = study["trials"], study["summary"]
-        slug = "tuning_" + "".join(c if c.isalnum() or c in "-_" else "-" for c in study_name)
-        trials.to_csv(out / f"{slug}_trials.csv", index=False)
-        written.append(out / f"{slug}_trials.csv")
-        facts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-        md += [f"### Study {study_name}", "", facts, "", trials.to_markdown(index=False, floatfmt=".4g"), ""]
-        body += [f"<h3>Study {html.escape(study_name)}</h3>", f"<p>{html.escape(facts)}</p>",
-                 trials.to_html(index=False, float_format=lambda x: f"{x:.4g}")]
-        column = next((c for c in TUNING_VALUES if c in trials and trials[c].notna().any()), None)
-        if column is not None:
-            plot = plot_tuning(trials, out / f"{slug}.png", column)
-            written.append(plot)
-            md += [f"![{column} against learning rate and steps]({plot.name})", ""]
-            body += [_img(plot)]
-    (out / "report.md").write_text("\n".join(md))
-    (out / "report.html").write_text(HTML.format(body="\n".join(body)))
+        b, w, s = model_blocks(client, name, out)
+        blocks, written, summary = blocks + b, written + w, summary + s
+    b, w = tuning_blocks(studies, out)
+    blocks, written = blocks + b, written + w
+    (out / "report.md").write_text(_markdown(blocks))
+    (out / "report.html").write_text(_html(blocks))
     return {"markdown": out / "report.md", "html": out / "report.html", "files": written, "summary": summary}
 
 
