@@ -197,73 +197,19 @@ def _blob(x, y, b, cx, cy, sx, sy):
 
 
 def _frontal(an: dict, sg: dict, ap: bool, res: int) -> np.ndarray:
-    """Attenuation map of a PA (or AP) view; image left = patient's right."""
+    """Attenuation map of a PA (or AP) view; image left = patient's right: the body, the lungs
+    with their opacities and markings, the soft-tissue shadows, then the bones."""
     x, y = _grid(res)
     e = 2.0 / res  # edge blur ~1 px
-    on, sev, T = sg["on"], sg["severity"], an["thorax"]
-
-    # volume loss from atelectasis: raise that hemidiaphragm, pull the mediastinum over
-    a_at, side_at = _amp(sg, "Atelectasis"), sg["atel_side"]
-    shift = 0.05 * a_at * side_at
-    dome = {-1: an["dome"], 1: an["dome"] + 0.04}
-    dome[side_at] -= 0.18 * a_at
-    if ap:  # supine AP: lower lung volumes
-        dome = {k: v - 0.05 for k, v in dome.items()}
-
-    # body: neck and sloping shoulders on top, thicker in the middle
-    w = an["body_w"] * (1 - 0.04 * (y - 0.1) ** 2)
-    w = 0.26 + (w + 0.04 - 0.26) * np.sqrt(np.clip((y + 1.02) / 0.36, 0, 1))
-    body = _inside(np.abs(x) - w, 0.03)
-    A = body * an["tissue"] * (0.45 + 0.55 * np.sqrt(np.clip(1 - (x / (w + 0.03)) ** 2, 0, 1)))
-
-    # lungs, cut by the diaphragm domes
-    lung = np.zeros((res, res), np.float32)
-    dome_y = {}
-    for side in (-1, 1):
-        ay = 0.10 - an["apex"] - (0.10 * a_at if side == side_at else 0.0)
-        dome_y[side] = dome[side] + 1.4 * (x - side * 0.30) ** 2
-        d = _ellipse(x, y, side * T * 0.52, 0.10, T * 0.48, ay)
-        depth = 0.55 + 0.45 * np.sqrt(np.clip(-d / 0.12, 0, 1))  # air thins towards the lung edge
-        lung += _inside(d, e) * depth * _inside(y - dome_y[side], e) * (x * side > 0)
-
-    # heart (two half-ellipses: 36% right of midline, 64% left, apex lower) and mediastinum
-    W = sg["ctr"] * 2 * T * (1.10 if ap else 1.0)  # AP magnifies the heart
-    hx, hy, hh = shift, an["heart_y"], 0.34
-    left = x >= hx
-    d = np.sqrt(((x - hx) / np.where(left, 0.64 * W, 0.36 * W)) ** 2 + ((y - hy - 0.04 * left) / hh) ** 2) - 1
-    heart = _inside(d * 0.3 * W, e)
-    med = _inside(np.abs(x - shift) - 0.085 - 0.02 * (y > -0.5), e) * _inside(y - hy, 0.05)
-    knob = _inside(_ellipse(x, y, shift + 0.10, -0.38, 0.07, 0.06), e)  # aortic knob
-    lung = lung * (1 - np.maximum(np.maximum(heart, med), knob))
+    T = an["thorax"]
+    shift, dome = _diaphragm(an, sg, ap)
+    body, A = _body(x, y, an)
+    lung, dome_y = _lungs(x, y, an, sg, T, dome, e, res)
+    heart, covered = _heart_and_mediastinum(x, y, an, sg, ap, T, shift, e)
+    lung = lung * (1 - covered)
     A = A + 0.06 * heart
-
-    # opacities: the fraction of lung air replaced (0 = aerated, 1 = soft-tissue dense)
-    opac = np.zeros((res, res), np.float32)
     hila = {-1: (shift - 0.16, -0.06), 1: (shift + 0.16, -0.04)}
-    if on["Edema"]:
-        a = _amp(sg, "Edema")
-        for hx_, hy_ in hila.values():  # bat-wing perihilar haze
-            opac += 0.55 * a * _gauss(x, y, hx_, hy_ + 0.06, 0.20, 0.26)
-        rim = np.clip(1 - (T - np.abs(x)) / 0.15, 0, 1) * _inside(-(y - 0.05), 0.03)
-        opac += 0.8 * a * rim * (np.cos(2 * np.pi * y / 0.05) > 0.6)  # Kerley B lines at the bases
-    if on["Consolidation"]:
-        opac += _consolidation_frontal(x, y, sg, T, dome, e)
-    if on["Atelectasis"]:
-        b = sg["blob"]
-        yc = dome[side_at] - 0.12 - 0.08 * b[0] + 0.10 * (np.abs(x) - 0.35) * (b[1] - 0.5)
-        in_x = _inside(np.abs(np.abs(x) - 0.36) - 0.20, 0.03) * (x * side_at > 0)
-        opac += 0.95 * min(1.0, 1.4 * a_at) * _band(y, yc, 0.016 + 0.012 * sev["Atelectasis"]) * in_x
-    fluid = np.zeros((res, res), np.float32)
-    if on["Pleural Effusion"]:
-        f = _amp(sg, "Pleural Effusion", 0.4)
-        t = np.clip((np.abs(x) - 0.1) / (T - 0.1), 0, 1)
-        for side in sg["eff_sides"]:
-            level = dome[side] + 0.16 - 0.42 * f  # fluid top at the lateral chest wall
-            meniscus = level + 0.16 * (1 - t) ** 1.5  # curving up laterally
-            fluid += (_inside(meniscus - y, 0.03) * (x * side > 0) * _inside(np.abs(x) - T - 0.02, e)
-                      * _inside(y - dome_y[side] - 0.05, 0.03))
-        fluid = np.clip(fluid, 0, 1)
-        opac += fluid
+    opac, fluid = _opacities(x, y, sg, T, dome, dome_y, hila, e, res)
 
     # vessels and hila: soft-tissue markings inside the aerated lung
     marks = 0.35 * np.maximum(_segments(x, y, an["vessels_right"], *hila[-1]), _segments(x, y, an["vessels_left"], *hila[1]))
@@ -278,8 +224,90 @@ def _frontal(an: dict, sg: dict, ap: bool, res: int) -> np.ndarray:
     if an["breast"]:
         for side in (-1, 1):
             A = A + 0.10 * an["breast"] * _inside(_ellipse(x, y, side * 0.50, 0.36, 0.32, 0.22), 0.04)
+    return _bones(A, x, y, an, ap, T, body, e, res)
 
-    # bones: spine with pedicles, posterior + anterior ribs, clavicles, humeral heads (+ scapulae on AP)
+
+def _diaphragm(an: dict, sg: dict, ap: bool):
+    """The mediastinal shift and each hemidiaphragm's dome height: atelectasis's volume loss
+    raises its side's dome and pulls the mediastinum over; a supine AP film has lower volumes."""
+    a_at, side_at = _amp(sg, "Atelectasis"), sg["atel_side"]
+    shift = 0.05 * a_at * side_at
+    dome = {-1: an["dome"], 1: an["dome"] + 0.04}
+    dome[side_at] -= 0.18 * a_at
+    if ap:
+        dome = {k: v - 0.05 for k, v in dome.items()}
+    return shift, dome
+
+
+def _body(x, y, an: dict):
+    """The body's outline (neck and sloping shoulders on top) and its soft tissue, thicker in the middle."""
+    w = an["body_w"] * (1 - 0.04 * (y - 0.1) ** 2)
+    w = 0.26 + (w + 0.04 - 0.26) * np.sqrt(np.clip((y + 1.02) / 0.36, 0, 1))
+    body = _inside(np.abs(x) - w, 0.03)
+    return body, body * an["tissue"] * (0.45 + 0.55 * np.sqrt(np.clip(1 - (x / (w + 0.03)) ** 2, 0, 1)))
+
+
+def _lungs(x, y, an: dict, sg: dict, T: float, dome: dict, e: float, res: int):
+    """The lungs' air (thinning towards their edges), cut by the diaphragm domes; the domes' curves."""
+    a_at, side_at = _amp(sg, "Atelectasis"), sg["atel_side"]
+    lung = np.zeros((res, res), np.float32)
+    dome_y = {}
+    for side in (-1, 1):
+        ay = 0.10 - an["apex"] - (0.10 * a_at if side == side_at else 0.0)
+        dome_y[side] = dome[side] + 1.4 * (x - side * 0.30) ** 2
+        d = _ellipse(x, y, side * T * 0.52, 0.10, T * 0.48, ay)
+        depth = 0.55 + 0.45 * np.sqrt(np.clip(-d / 0.12, 0, 1))  # air thins towards the lung edge
+        lung += _inside(d, e) * depth * _inside(y - dome_y[side], e) * (x * side > 0)
+    return lung, dome_y
+
+
+def _heart_and_mediastinum(x, y, an: dict, sg: dict, ap: bool, T: float, shift: float, e: float):
+    """The heart (two half-ellipses: 36% right of midline, 64% left, apex lower) and what it,
+    the mediastinum and the aortic knob cover of the lungs."""
+    W = sg["ctr"] * 2 * T * (1.10 if ap else 1.0)  # AP magnifies the heart
+    hx, hy, hh = shift, an["heart_y"], 0.34
+    left = x >= hx
+    d = np.sqrt(((x - hx) / np.where(left, 0.64 * W, 0.36 * W)) ** 2 + ((y - hy - 0.04 * left) / hh) ** 2) - 1
+    heart = _inside(d * 0.3 * W, e)
+    med = _inside(np.abs(x - shift) - 0.085 - 0.02 * (y > -0.5), e) * _inside(y - hy, 0.05)
+    knob = _inside(_ellipse(x, y, shift + 0.10, -0.38, 0.07, 0.06), e)  # aortic knob
+    return heart, np.maximum(np.maximum(heart, med), knob)
+
+
+def _opacities(x, y, sg: dict, T: float, dome: dict, dome_y: dict, hila: dict, e: float, res: int):
+    """The fraction of lung air each finding replaces (0 = aerated, 1 = soft-tissue dense), and the
+    pleural fluid on its own (it also adds density outside the air)."""
+    on, sev, side_at = sg["on"], sg["severity"], sg["atel_side"]
+    opac = np.zeros((res, res), np.float32)
+    if on["Edema"]:
+        a = _amp(sg, "Edema")
+        for hx_, hy_ in hila.values():  # bat-wing perihilar haze
+            opac += 0.55 * a * _gauss(x, y, hx_, hy_ + 0.06, 0.20, 0.26)
+        rim = np.clip(1 - (T - np.abs(x)) / 0.15, 0, 1) * _inside(-(y - 0.05), 0.03)
+        opac += 0.8 * a * rim * (np.cos(2 * np.pi * y / 0.05) > 0.6)  # Kerley B lines at the bases
+    if on["Consolidation"]:
+        opac += _consolidation_frontal(x, y, sg, T, dome, e)
+    if on["Atelectasis"]:
+        a_at, b = _amp(sg, "Atelectasis"), sg["blob"]
+        yc = dome[side_at] - 0.12 - 0.08 * b[0] + 0.10 * (np.abs(x) - 0.35) * (b[1] - 0.5)
+        in_x = _inside(np.abs(np.abs(x) - 0.36) - 0.20, 0.03) * (x * side_at > 0)
+        opac += 0.95 * min(1.0, 1.4 * a_at) * _band(y, yc, 0.016 + 0.012 * sev["Atelectasis"]) * in_x
+    fluid = np.zeros((res, res), np.float32)
+    if on["Pleural Effusion"]:
+        f = _amp(sg, "Pleural Effusion", 0.4)
+        t = np.clip((np.abs(x) - 0.1) / (T - 0.1), 0, 1)
+        for side in sg["eff_sides"]:
+            level = dome[side] + 0.16 - 0.42 * f  # fluid top at the lateral chest wall
+            meniscus = level + 0.16 * (1 - t) ** 1.5  # curving up laterally
+            fluid += (_inside(meniscus - y, 0.03) * (x * side > 0) * _inside(np.abs(x) - T - 0.02, e)
+                      * _inside(y - dome_y[side] - 0.05, 0.03))
+        fluid = np.clip(fluid, 0, 1)
+        opac += fluid
+    return opac, fluid
+
+
+def _bones(A, x, y, an: dict, ap: bool, T: float, body, e: float, res: int):
+    """Spine with pedicles, posterior + anterior ribs, clavicles, humeral heads (+ scapulae on AP)."""
     sw, step, y0 = an["spine_w"], an["rib_step"], an["rib_y0"]
     disc = 0.5 + 0.5 * np.cos(2 * np.pi * (y - y0 - step / 2) / step)
     A = A + 0.06 * _inside(np.abs(x) - sw, e) * (1 - 0.4 * disc ** 6)
