@@ -243,6 +243,40 @@ def sample_grid(pipe, captions: list[str], resolution: int, seed: int = 0, steps
 
 # ----------------------------------------------------------------------------- the build
 
+def _training_images(config: SDConfig, n_scenes: int, n_radiographs: int, seed: int):
+    """Captioned scenes + generically captioned phantom radiographs (64 more held out for the
+    VAE's PSNR): the images, their captions, the scenes alone and the radiographs (None without
+    the phantom)."""
+    scene_images, captions = render_scenes(n_scenes, config.resolution, seed)
+    xrays = phantom_radiographs(n_radiographs + 64, config.resolution, seed)
+    if xrays is None:
+        warnings.warn("harness.data.phantom not found: base trained on scenes only, no vae_psnr")
+        return scene_images, captions, scene_images, None
+    xrays, xray_captions = xrays
+    images = torch.cat([scene_images, _to_tensor(xrays[:n_radiographs])])
+    return images, captions + xray_captions[:n_radiographs], scene_images, xrays
+
+
+def _save(pipe, out_dir: Path, record: dict, t_start: float, sample_steps: int) -> None:
+    """Write the pipeline (with a sample grid unless ``sample_steps`` is 0) and ``base_build.json``
+    next to ``out_dir``, then swap it in: a reader never sees half a build."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if sample_steps:
+        grid = sample_grid(pipe, SAMPLE_CAPTIONS, pipe.unet.config.sample_size * pipe.vae_scale_factor,
+                           seed=record["seed"], steps=sample_steps)
+        grid.save(tmp / "samples.png")
+        (tmp / "samples.txt").write_text("\n".join(SAMPLE_CAPTIONS) + "\n")
+    record["metrics"]["seconds"] = time.time() - t_start
+    (tmp / "base_build.json").write_text(json.dumps(record, indent=2))
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, unet_steps: int = 800,
                seed: int = 0, batch_size: int = 16, vae_lr: float = 1e-3, unet_lr: float = 5e-4,
                kl_weight: float = 1e-3, caption_dropout: float = 0.1, identity_weight: float = 0.1,
@@ -269,15 +303,7 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
     vae, unet, text_encoder = (parts[k].to(device) for k in ("vae", "unet", "text_encoder"))
 
     # Stage 1: the VAE, on scenes + unlabeled radiographs (held-out radiographs for PSNR).
-    scene_images, captions = render_scenes(n_scenes, config.resolution, seed)
-    xrays = phantom_radiographs(n_radiographs + 64, config.resolution, seed)
-    if xrays is None:
-        warnings.warn("harness.data.phantom not found: base trained on scenes only, no vae_psnr")
-        images = scene_images
-    else:
-        xrays, xray_captions = xrays
-        images = torch.cat([scene_images, _to_tensor(xrays[:n_radiographs])])
-        captions = captions + xray_captions[:n_radiographs]
+    images, captions, scene_images, xrays = _training_images(config, n_scenes, n_radiographs, seed)
     t0 = time.time()
     metrics["vae_final_mse"] = train_vae(vae, images, vae_steps, batch_size, vae_lr, kl_weight, device,
                                          log_fn, seed=seed)
@@ -303,24 +329,10 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
     metrics["unet_seconds"] = time.time() - t0
     metrics["disease_prompt_max_cosine"] = prompt_max_cosine(text_encoder, tokenizer)
 
-    # Save atomically: write next to out_dir, then swap it in.
     pipe = assemble_pipeline(parts).to("cpu")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    if samples:
-        grid = sample_grid(pipe, SAMPLE_CAPTIONS, config.resolution, seed=seed, steps=sample_steps)
-        grid.save(tmp / "samples.png")
-        (tmp / "samples.txt").write_text("\n".join(SAMPLE_CAPTIONS) + "\n")
-    metrics["seconds"] = time.time() - t_start
-    (tmp / "base_build.json").write_text(json.dumps(
-        {"config": config.to_dict(), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
-         "batch_size": batch_size, "metrics": metrics}, indent=2))
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    record = {"config": config.to_dict(), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
+              "batch_size": batch_size, "metrics": metrics}
+    _save(pipe, out_dir, record, t_start, sample_steps if samples else 0)
     return metrics
 
 
