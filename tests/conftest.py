@@ -55,6 +55,15 @@ def mlflow_store(tmp_path, monkeypatch, empty_store):
         mlflow.end_run()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, the more so on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dummy_components(seed: int = 0) -> dict:
     from harness.base.components import SDConfig, build_components
     from harness.base.tokenizer import build_tokenizer, medical_corpus

@@ -23,12 +23,7 @@ from harness.data import load_table
 FAST = ["--epochs", "1", "--batch_size", "8", "--n_resamples", "50", "--threads", "1", "--resolution", "32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _generate(checkpoint, *extra) -> str:

@@ -47,13 +47,7 @@ def store(mlflow_store, migrated_db, tmp_path):
     return mlflow_store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, the more so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(checkpoint, out, *extra, n=3, batch=4):

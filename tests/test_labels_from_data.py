@@ -21,12 +21,7 @@ LABELS = ["RG", "NRG"]  # the write-up's fundus labels: referable glaucoma or no
 TEMPLATE = "a fundus photograph showing {findings}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fundus_folder(root, n_train: int = 12, n_test: int = 8, size: int = 32):
