@@ -93,6 +93,8 @@ class FinetuneConfig(StepConfig):
     views: str = param("frontal", choices=["frontal", "lateral", "all"], project=True)
     uncertain: str = param("ignore", choices=["ignore", "zeros", "ones"], project=True)
     template: str | None = param(None, "prompt template with {view} and {findings}")
+    no_finding_template: str | None = param(None, "prompt of an image with no positive label, with {view} "
+                                            "(default: the chest X-ray one)")
     labels: str | None = param(None, "comma-separated label names (default: the data set's)")
     skip_bad: bool = param(False, "skip unreadable images instead of failing")
     max_train_images: int = param(0, "0 = all")
@@ -464,6 +466,11 @@ def _accelerator(args):
                        project_config=ProjectConfiguration(project_dir=None))
 
 
+def _templates(args) -> dict:
+    """The prompt templates the user set (the data layer's chest X-ray ones otherwise)."""
+    return {k: getattr(args, k) for k in ("template", "no_finding_template") if getattr(args, k)}
+
+
 def _data(args, tokenizer, resolution: int, data: str | None = None):
     """``data``: ``args.data`` through ``local_spec`` (an MLflow artifact URI -> its local folder)."""
     spec = DataSpec.parse(data or local_spec(args.data))
@@ -473,7 +480,7 @@ def _data(args, tokenizer, resolution: int, data: str | None = None):
     if args.max_train_images:
         table = table.iloc[: args.max_train_images]
     labels = table.attrs["labels"]
-    prompts = prompts_for_table(table, labels, **({"template": args.template} if args.template else {}))
+    prompts = prompts_for_table(table, labels, **_templates(args))
     images = ImageDataset(table, labels, resolution=resolution, channels=3, skip_bad=args.skip_bad)
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
@@ -652,7 +659,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     skip = step % math.ceil(len(loader) / accumulation) * accumulation
     batches = _loop(loader, accelerator.skip_first_batches(loader, skip) if skip else loader)
     metrics = tracking.MetricBuffer(run_id, flush_every=args.log_every) if main else _NoMetrics()
-    grid_prompts = disease_prompts(labels, **({"template": args.template} if args.template else {}))
+    grid_prompts = disease_prompts(labels, **_templates(args))
     grids = []
     debug = _Debug.from_env(accelerator)
 

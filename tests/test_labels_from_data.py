@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -141,3 +142,21 @@ def test_generated_table_of_a_folder_set_reads_its_splits(tmp_path):
     real = fundus_folder(tmp_path / "fundus", n_train=4, n_test=2)
     table = checks.generated_table(real, LABELS)
     assert len(table) == 6 and table.attrs["splits"] == ["train", "test"]
+
+
+def test_finetune_prompts_images_without_a_positive_label_by_its_no_finding_template(mlflow_store, tiny_pipeline_dir,
+                                                                                    tmp_path):
+    real = fundus_folder(tmp_path / "fundus")
+    labels = tmp_path / "fundus" / "labels.csv"
+    table = pd.read_csv(labels)
+    table.loc[:3, LABELS] = 0  # four images with neither label
+    table.to_csv(labels, index=False)
+    argv = ["--data", real, "--pretrained_model", str(tiny_pipeline_dir), "--steps", "1", "--batch_size", "4",
+            "--checkpoint_every", "1", "--grid_steps", "1", "--grid_seeds", "1", "--views", "all",
+            "--template", TEMPLATE]
+    with pytest.raises(ValueError, match="no view but prompt template"):  # the chest X-ray one names a view
+        finetune.main([*argv, "--output_dir", str(tmp_path / "a")], arm="dreambooth")
+    run_id = finetune.main([*argv, "--no_finding_template", "a normal fundus photograph",
+                            "--output_dir", str(tmp_path / "b")], arm="dreambooth")
+    prompts = mlflow.artifacts.load_dict(f"runs:/{run_id}/grids/prompts.json")["prompts"]
+    assert prompts["No Finding"] == "a normal fundus photograph" and prompts["RG"] == "a fundus photograph showing rg"
