@@ -145,6 +145,8 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
     # the logged cosine is the saved text encoder's, on the disease prompts
     assert metrics["disease_prompt_max_cosine"] == pytest.approx(
         build.prompt_max_cosine(pipe.text_encoder.eval(), pipe.tokenizer), abs=1e-5)
+    assert metrics["disease_token_max_cosine"] == pytest.approx(
+        build.prompt_max_cosine(pipe.text_encoder.eval(), pipe.tokenizer, where="differing"), abs=1e-5)
     img = pipe(PROMPT, num_inference_steps=2, height=32, width=32, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
@@ -171,6 +173,9 @@ def test_token_identity_loss_makes_prompts_distinct(tokenizer):
     assert build.prompt_max_cosine(te.eval(), tokenizer) < cosine_before
     # a prompt against itself: cosine 1
     assert build.prompt_max_cosine(te, tokenizer, [PROMPT, PROMPT]) == pytest.approx(1.0, abs=1e-5)
+    # at the finding words alone the prompts are further apart than over the whole shared sequence
+    assert build.prompt_max_cosine(te, tokenizer, where="differing") < build.prompt_max_cosine(te, tokenizer)
+    assert build.prompt_max_cosine(te, tokenizer, [PROMPT, PROMPT], where="differing") == 1.0
 
 
 def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):

@@ -211,15 +211,24 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: LatentCache,
 
 
 @torch.no_grad()
-def prompt_max_cosine(text_encoder, tokenizer, prompts: list[str] | None = None) -> float:
-    """The largest cosine similarity between two prompts' whole output states (default: the five
-    disease prompts + no finding). Near 1, a frozen text encoder cannot tell the prompts apart."""
+def prompt_max_cosine(text_encoder, tokenizer, prompts: list[str] | None = None, where: str = "all") -> float:
+    """The largest cosine similarity between two prompts' output states (default: the five
+    disease prompts + no finding): over the whole padded sequence (``where="all"``), or only at the
+    positions where the prompts' tokens differ (``"differing"``: the finding words), which is what
+    cross-attention can tell apart; the shared words and the padding make the whole-sequence figure
+    look close to 1 even when the findings' states differ."""
     from harness.data.prompts import disease_prompts
 
     prompts = prompts or list(disease_prompts(FINDINGS).values())
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(text_encoder.device)
-    h = F.normalize(text_encoder(ids)[0].flatten(1).float(), dim=1)
+    states = text_encoder(ids)[0].float()
+    if where == "differing":
+        differ = (ids != ids[0]).any(dim=0)
+        if not differ.any():
+            return 1.0  # the same tokens: the same states
+        states = states[:, differ]
+    h = F.normalize(states.flatten(1), dim=1)
     cos = h @ h.T
     return float(cos[~torch.eye(len(prompts), dtype=torch.bool, device=cos.device)].max())
 
@@ -328,6 +337,7 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
                                             text_corpus=captions + medical_corpus() * 10)
     metrics["unet_seconds"] = time.time() - t0
     metrics["disease_prompt_max_cosine"] = prompt_max_cosine(text_encoder, tokenizer)
+    metrics["disease_token_max_cosine"] = prompt_max_cosine(text_encoder, tokenizer, where="differing")
 
     pipe = assemble_pipeline(parts).to("cpu")
     record = {"config": config.to_dict(), "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
