@@ -76,12 +76,17 @@ def main(argv=None) -> float:
                   "--experiment", "vae_ceiling"]
         from mlflow.tracking import MlflowClient
 
-        real = MlflowClient().get_run(classify.main(["--train", str(spec), *common])).data.metrics["auc_macro"]
-        decoded = MlflowClient().get_run(classify.main(["--train", f"chexpert:{recon}?holdout=0", "--valid", str(spec),
-                                                        *common])).data.metrics["auc_macro"]
+        real_m = MlflowClient().get_run(classify.main(["--train", str(spec), *common])).data.metrics
+        decoded_m = MlflowClient().get_run(classify.main(["--train", f"chexpert:{recon}?holdout=0", "--valid",
+                                                          str(spec), *common])).data.metrics
+    real, decoded = real_m["auc_macro"], decoded_m["auc_macro"]
     print(f"real train images          : macro AUC {real:.3f}")
     print(f"VAE round-tripped images   : macro AUC {decoded:.3f}")
     print(f"ceiling on synthetic/real  : {decoded / real:.3f}")
+    per_label = sorted(k for k in real_m if k.startswith("auc_") and not k.endswith(("_ci_low", "_ci_high"))
+                       and k not in ("auc_macro", "auc_diff_macro"))
+    for k in per_label:  # which findings the VAE loses
+        print(f"  {k[4:]:24s}: real {real_m[k]:.3f}, round-tripped {decoded_m.get(k, float('nan')):.3f}")
     return decoded / real
 
 
