@@ -31,6 +31,7 @@ def _generate(checkpoint, *extra) -> str:
                           "--num_inference_steps", "2", "--threads", "1", *extra])
 
 
+@pytest.mark.slow
 def test_classify_by_uri_on_another_machine(mlflow_server, tiny_pipeline_dir, tiny_phantom, tmp_path, monkeypatch):
     """Generate in one folder; with that folder and every local cache gone (another worker), classify
     reads the data set by its run's artifact URI alone; the real test data stays where it is."""
@@ -133,6 +134,7 @@ def test_a_download_is_atomic_and_the_first_one_wins(mlflow_store, tmp_path, mon
     assert other_host.exists()
 
 
+@pytest.mark.slow
 def test_finetune_and_data_prompts_read_real_data_by_uri(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     """Any data spec may be a URI: here real data logged as a run's artifact, fine-tuned on and
     drawn from for data prompts (the fine-tune's --data, inherited by generate)."""

@@ -125,6 +125,7 @@ def test_vae_psnr_is_right_and_separates_good_from_random():
     assert build.vae_psnr(random_vae, torch.from_numpy(rng.random((2, 3, 32, 32), np.float32)) * 2 - 1) < 20
 
 
+@pytest.mark.slow
 def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
     logged = []
     out = tmp_path / "base"
@@ -153,6 +154,7 @@ def test_tiny_build_writes_a_loadable_diffusers_directory(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_token_identity_loss_makes_prompts_distinct(tokenizer):
     """The text encoder learns to keep each word readable from its output state, so the disease
     prompts, which differ in one word, stop mapping to (almost) the same states."""
@@ -178,6 +180,7 @@ def test_token_identity_loss_makes_prompts_distinct(tokenizer):
     assert build.prompt_max_cosine(te, tokenizer, [PROMPT, PROMPT], where="differing") == 1.0
 
 
+@pytest.mark.slow
 def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -204,6 +207,7 @@ TINY_BUILD = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_
               "--n_radiographs", "4", "--batch_size", "2", "--no_samples"]
 
 
+@pytest.mark.slow
 def test_a_new_store_registers_the_build_on_disk_without_rebuilding(mlflow_store, tmp_path, monkeypatch):
     """Pointing MLFLOW_TRACKING_URI at a new store must not cost a rebuild: "base" finds the
     default recipe's build in outputs/ by its key and registers it there on first use."""

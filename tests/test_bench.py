@@ -9,6 +9,7 @@ import pytest
 from bench import gpu_check
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_its_table(mlflow_store, tmp_path, tiny_phantom):
     out = tmp_path / "gpu_check.json"
     result = gpu_check.main(["--preset", "tiny", "--resolution", "32", "--batch_size", "4", "--steps", "2",

@@ -230,6 +230,7 @@ def _rendered_generated(root, label_sets) -> str:
     return f"chexpert:{archive}"
 
 
+@pytest.mark.slow
 def test_entry_point_logs_adherence_and_its_ceiling(mlflow_store, phantom, tmp_path, monkeypatch):
     real = f"chexpert:{phantom}"
     classifier_run = classify.main(["--train", real, "--test", real, "--resolution", str(RES), "--epochs", "1",

@@ -47,6 +47,7 @@ def test_help_lists_every_entry_point_without_importing_torch():
         assert f"  {name} " in out
 
 
+@pytest.mark.slow
 def test_a_subcommand_shows_its_defaults():
     out = subprocess.run([sys.executable, "-m", "harness", "classify", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -106,6 +106,7 @@ def _macro(y, s, rows):
     return np.mean(aucs) if aucs else np.nan
 
 
+@pytest.mark.slow
 def test_paired_macro_difference_matches_brute_force():
     y, a = _data(n=60, seed=2)
     b = a + np.random.default_rng(6).normal(0, 0.5, a.shape)

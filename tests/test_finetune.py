@@ -154,6 +154,7 @@ def test_resume_after_kill_9(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_
     assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(finetune.NonFiniteLossError, match="loss is (nan|inf) at step"):
@@ -179,6 +180,7 @@ def test_bad_pretrained_model_fails_the_run_cleanly(bad, message, mlflow_store, 
     assert run.info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path,
                                                    monkeypatch):
     out, watch = tmp_path / "out", _Watch(monkeypatch)
@@ -197,6 +199,7 @@ def test_output_dir_of_other_parameters_is_refused(mlflow_store, tiny_phantom, t
     assert json.loads((out / "run.json").read_text())["run_id"] == again["run_id"]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_trains_again(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     finetune.main(_args(tiny_phantom, tiny_pipeline_dir, out, 2, 2), arm="dreambooth")
@@ -226,6 +229,7 @@ def test_mlflow_run_entry_point(mlflow_store, tiny_phantom, tiny_pipeline_dir, t
     assert "harness.checkpoint.000002" in run.data.tags
 
 
+@pytest.mark.slow
 def test_gradient_accumulation(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path, monkeypatch):
     watch = _Watch(monkeypatch)
     run = watch.run(*_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2,
@@ -238,6 +242,7 @@ def test_gradient_accumulation(mlflow_store, tiny_phantom, tiny_pipeline_dir, tm
     assert len(plain["ids"]) == 2 and plain["updates"] == 2
 
 
+@pytest.mark.slow
 def test_prior_preservation_adds_the_class_prompt_and_its_weighted_loss(mlflow_store, tiny_phantom,
                                                                        tiny_pipeline_dir, tmp_path, monkeypatch):
     """Each step also trains on the base's own class-prompt images; the loss is the instance loss
@@ -277,6 +282,7 @@ def test_missing_image_fails_clearly_or_is_skipped_and_counted(mlflow_store, tin
     assert run.info.status == "FINISHED" and run.data.metrics["skipped_missing_images"] == 1
 
 
+@pytest.mark.slow
 def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         finetune.parse_args(["--arm", "dreambooth", "--caption_dropout", "1.0"])
@@ -310,6 +316,7 @@ def test_caption_dropout_and_min_snr_options(mlflow_store, tiny_phantom, tiny_pi
     assert run("gamma_small", 0, 0.05)["loss"][0] < 0.9 * plain["loss"][0]
 
 
+@pytest.mark.slow
 def test_ema_checkpoints_hold_the_warmed_up_average_of_the_raw_weights(mlflow_store, tiny_phantom,
                                                                      tiny_pipeline_dir, tmp_path):
     """Same seed, same raw trajectory: the EMA run's step-4 UNet is the average (decay
@@ -342,6 +349,7 @@ def _checkpoint_steps(run_id: str) -> list[int]:
     return sorted(int(k.rsplit(".", 1)[1]) for k in tags if k.startswith("harness.checkpoint."))
 
 
+@pytest.mark.slow
 def test_resumed_run_owns_every_checkpoint_of_the_run_it_continues(mlflow_store, tiny_phantom, tiny_pipeline_dir,
                                                                   tmp_path, monkeypatch):
     """Killed while logging the step-4 checkpoint (on disk, its logged model PENDING): the rerun
@@ -378,6 +386,7 @@ def test_resumed_run_owns_every_checkpoint_of_the_run_it_continues(mlflow_store,
     assert {m.name: str(m.status) for m in models} == {"checkpoint-000002": "READY", "checkpoint-000004": "FAILED"}
 
 
+@pytest.mark.slow
 def test_second_fine_tune_in_the_same_folder_fails_at_once_naming_the_holder(mlflow_store, tiny_phantom,
                                                                               tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
@@ -413,6 +422,7 @@ class _Planted:
         return open, (self.marker, "w")
 
 
+@pytest.mark.slow
 def test_resume_loads_no_pickle_from_the_output_folder_and_restores_the_weight_average(
         mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     def stop_at_2(step, run_id):
@@ -462,6 +472,7 @@ def test_bad_arguments_fail_before_any_model_loads(extra, message, capsys):
 
 
 @pytest.mark.parametrize("host", ["this", "another"])
+@pytest.mark.slow
 def test_rerun_cleans_up_a_run_that_died_with_the_tracking_server(host, mlflow_store, tiny_phantom,
                                                                   tiny_pipeline_dir, tmp_path):
     """A tracking-server outage crashed the fine-tune where it could not end its run: RUNNING, a

@@ -50,6 +50,7 @@ def _dump(folder: Path) -> list[list[dict]]:
     return [[json.loads(line) for line in (folder / f"process_{i}.jsonl").read_text().splitlines()] for i in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_with_the_same_weights_from_different_batches(
         mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     out, dump = tmp_path / "out", tmp_path / "dump"

@@ -105,6 +105,7 @@ def test_writes_a_chexpert_data_set_labelled_by_prompt(store, tiny_pipeline_dir,
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_data_prompts_draw_the_real_label_sets(store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     """--prompts data: as many images as the disease prompts would make, each prompted and labelled
     with the findings of a row of the real train split (co-occurring findings included)."""
@@ -149,6 +150,7 @@ def test_data_prompts_from_a_set_without_such_views_fail_the_run(store, tiny_pip
     assert not (tmp_path / "gen").exists()
 
 
+@pytest.mark.slow
 def test_seed_decides_images_and_batch_size_does_not(store, tiny_pipeline_dir, tmp_path):
     def images(name, *extra, batch=5):
         # guidance 3: the default (10) multiplies the batched-vs-single float noise by the guidance,
@@ -178,6 +180,7 @@ def test_every_scheduler_samples_and_is_batch_invariant(scheduler, tiny_pipeline
     assert np.abs(together - alone).max() <= 1
 
 
+@pytest.mark.slow
 def test_run_id_and_step_pick_the_checkpoint(store, tiny_phantom, tiny_pipeline_dir, tmp_path):
     ft = finetune.main(["--arm", "dreambooth", "--data", f"chexpert:{tiny_phantom}", "--pretrained_model",
                         str(tiny_pipeline_dir), "--steps", "2", "--batch_size", "2", "--checkpoint_every", "1",

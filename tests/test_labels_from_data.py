@@ -45,6 +45,7 @@ def fundus_folder(root, n_train: int = 12, n_test: int = 8, size: int = 32):
     return f"folder:{root}"
 
 
+@pytest.mark.slow
 def test_a_two_label_folder_set_goes_end_to_end(mlflow_store, tiny_pipeline_dir, tmp_path):
     from harness import register
     from harness import report

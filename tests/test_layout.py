@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "registry")
 
@@ -81,6 +83,7 @@ def test_data_loaders_import_no_mlflow():
             assert not any(m == "mlflow" or m.startswith("mlflow.") for m in _imports(path)), name
 
 
+@pytest.mark.slow
 def test_report_imports_no_model_library():
     """The report runs on a laptop against a shared server: it must not need torch or diffusers."""
     code = ("import sys, harness.report; bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules];"

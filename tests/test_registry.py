@@ -117,6 +117,7 @@ def test_register_refuses_bad_input_and_writes_nothing(checkpoint):
     assert MlflowClient().search_registered_models() == []
 
 
+@pytest.mark.slow
 def test_promote_best_margin_idempotent_history(checkpoint):
     run = checkpoint(steps=(1, 2, 3))
     for step, auc in ((1, 0.70), (2, 0.80), (3, 0.60)):
@@ -160,6 +161,7 @@ def test_promote_refuses_unevaluated_version(checkpoint):
         champion()  # nothing was promoted by the refusals
 
 
+@pytest.mark.slow
 def test_racing_promotions_leave_the_better_champion(checkpoint, monkeypatch):
     """Both promotions decide against the same old champion; the worse one writes last."""
     run = checkpoint(steps=(1, 2, 3))
@@ -196,6 +198,7 @@ def test_racing_promotions_leave_the_better_champion(checkpoint, monkeypatch):
     assert MlflowClient().get_model_version(NAME, "2").tags["promotion.superseded_by"] == "3"
 
 
+@pytest.mark.slow
 def test_racing_promotion_processes(checkpoint, mlflow_store):
     """Two real processes promoting different versions at once: exactly one champion, the better."""
     run = checkpoint(steps=(1, 2, 3))
@@ -209,6 +212,7 @@ def test_racing_promotion_processes(checkpoint, mlflow_store):
     assert champion() == "3", outs
 
 
+@pytest.mark.slow
 def test_champion_generates_images(checkpoint):
     run = checkpoint(steps=(1,))
     register_checkpoint(run, 1, evaluation(0.75))
@@ -249,6 +253,7 @@ def test_registry_and_report_through_a_tracking_server(mlflow_server, tiny_pipel
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.slow
 def test_report_renders_in_chromium(checkpoint):
     from harness import report
 
@@ -262,6 +267,7 @@ def test_report_renders_in_chromium(checkpoint):
     assert len(set(shot.resize((64, 160)).getdata())) > 10  # a rendered page, not a blank one
 
 
+@pytest.mark.slow
 def test_report_keeps_a_champion_that_a_newer_run_did_not_beat(checkpoint):
     from harness import report
 

@@ -185,6 +185,7 @@ def test_pruning_stops_a_trial_built_to_be_bad(mlflow_store, tune_phantom, tiny_
     assert 0 < metrics["pruning_saved_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_adherence_objective_judges_checkpoints_without_training_classifiers(mlflow_store, tune_phantom,
                                                                              tiny_pipeline_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -221,6 +222,7 @@ def test_a_study_without_the_pretrained_model_fails_before_any_trial(mlflow_stor
     assert study_run.info.status == "FAILED" and "cxr-sd-base" in study_run.data.tags["harness.error"]
 
 
+@pytest.mark.slow
 def test_a_study_whose_every_trial_fails_ends_failed(mlflow_store, tune_phantom, tiny_pipeline_dir, tmp_path,
                                                      monkeypatch):
     def broken(*args, **kwargs):
