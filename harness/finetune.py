@@ -664,7 +664,6 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     debug = _Debug.from_env(accelerator)
 
     def publish(path: Path) -> None:  # the main process logs the checkpoint and asks on_checkpoint
-        metrics.flush()
         info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
         mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
         mlflow.set_tag(tracking.TAG_STEP, str(step))
@@ -712,6 +711,7 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
             window_start, window_images = time.perf_counter(), 0
         metrics.log(row, step)
         if step % args.checkpoint_every == 0 or step == args.steps:
+            metrics.flush()  # before the checkpoint appears: a resume from it finds every step's metrics
             path = _save_checkpoint(args, out, step, accelerator, pipe, emas, dict(zip(trained, models)))
             _from_main(accelerator, lambda: publish(path))
             if accelerator.check_trigger():  # every process stops at the same step
