@@ -98,6 +98,10 @@ class FinetuneConfig(StepConfig):
     labels: str | None = param(None, "comma-separated label names (default: the data set's)")
     skip_bad: bool = param(False, "skip unreadable images instead of failing")
     max_train_images: int = param(0, "0 = all")
+    # Repeat-factor sampling (Gupta et al. 2019, LVIS): the rare findings' images come round more
+    # often, so the UNet sees each finding's prompts oftener; every prompt's images stay as they are.
+    repeat_threshold: float = param(0.0, "repeat an image max(1, sqrt(t / f)) times per epoch, f the train-split "
+                                    "frequency of its rarest positive label; 0 = off", project=True)
     prior_preservation: bool = param(False, "DreamBooth prior-preservation loss")
     class_prompt: str = param("a photo")
     num_class_images: int = param(32)
@@ -119,7 +123,7 @@ class FinetuneConfig(StepConfig):
         self.at_least(1, "steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every",
                       "keep_checkpoints", "grid_steps", "grid_seeds", "log_every")
         self.not_negative("lr_warmup_steps", "resolution", "max_train_images", "num_workers", "max_grad_norm",
-                          "prior_loss_weight", "snr_gamma")
+                          "repeat_threshold", "prior_loss_weight", "snr_gamma")
         self.positive("learning_rate")
         if self.prior_preservation and self.num_class_images < 1:
             raise ConfigError(f"--num_class_images {self.num_class_images}: --prior_preservation needs at least 1")
@@ -502,6 +506,22 @@ class PromptedImages(torch.utils.data.Dataset):
                 "index": item["index"]}
 
 
+def repeat_indices(table, labels: list[str], threshold: float, seed: int) -> list[int]:
+    """One epoch's image indices under repeat-factor sampling: image i appears r_i times, r_i =
+    max(1, sqrt(threshold / f)) for the rarest of its positive labels (frequency f in ``table``),
+    its fraction rounded up or down at random (fixed by ``seed``) so the mean repeat is r_i."""
+    import numpy as np
+
+    from harness.data.prompts import NO_FINDING
+
+    labels = [l for l in labels if l != NO_FINDING]  # not said as a finding: no-finding images repeat once
+    positive = table[labels].to_numpy() == 1.0  # as the prompts: only a 1 is said
+    freq = positive.mean(axis=0)
+    factor = np.where(positive, np.sqrt(threshold / np.where(freq > 0, freq, 1.0)), 1.0).max(axis=1, initial=1.0)
+    repeats = np.floor(factor + np.random.default_rng(seed).random(len(factor))).astype(int)
+    return np.repeat(np.arange(len(factor)), repeats).tolist()
+
+
 def _latent_cache(dataset: "PromptedImages", vae, batch_size: int = 64) -> LatentCache:
     """Every training image's posterior, keyed by its ``index``: all arms keep the VAE frozen."""
     def batches():
@@ -593,7 +613,11 @@ def _training_data(args, accelerator, models: _Models):
     latent_cache = None
     if args.num_workers == 0 and dataset.images.preload():  # fits in memory: so do its latents
         latent_cache = _latent_cache(dataset, models.pipe.vae)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    epoch = dataset
+    if args.repeat_threshold:
+        epoch = torch.utils.data.Subset(dataset, repeat_indices(table, labels, args.repeat_threshold, args.seed))
+        _from_main(accelerator, lambda: tracking.log_params({"n_samples_per_epoch": len(epoch)}))
+    loader = torch.utils.data.DataLoader(epoch, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))
     return table, labels, dataset, latent_cache, loader

@@ -501,3 +501,40 @@ def test_rerun_cleans_up_a_run_that_died_with_the_tracking_server(host, mlflow_s
     assert str(client.get_logged_model(pending.model_id).status) == "FAILED"
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["harness.resumed_from"] == dead_id
+
+
+def test_repeat_factor_sampling_repeats_rare_findings_and_keeps_every_image():
+    import pandas as pd
+
+    # 10 images: "a" positive in 1 (f 0.1), "b" in 5 (f 0.5), one uncertain "a" (-1 is not said),
+    # none positive in 4; a "No Finding" column is not a finding to repeat for
+    table = pd.DataFrame({"a": [1.0, 0, 0, 0, 0, 0, -1.0, 0, 0, 0],
+                          "b": [0, 1.0, 1.0, 1.0, 1.0, 1.0, 0, 0, 0, 0],
+                          "No Finding": [0, 0, 0, 0, 0, 0, 1.0, 1.0, 1.0, 1.0]})
+    counts = pd.Series(finetune.repeat_indices(table, ["a", "b", "No Finding"], 0.4, seed=0)).value_counts()
+    assert set(counts.index) == set(range(10))  # every image at least once
+    assert counts[0] == 2  # sqrt(0.4 / 0.1) = 2 exactly
+    assert all(counts[i] == 1 for i in range(1, 10))  # sqrt(0.4 / 0.5) < 1, and the rest have no positive
+    # a fractional factor rounds up or down at random, fixed by the seed: the mean repeat is the factor
+    draws = [finetune.repeat_indices(table, ["a", "b"], 0.9, seed=s).count(0) for s in range(400)]
+    assert set(draws) == {3} and finetune.repeat_indices(table, ["a", "b"], 0.9, seed=1) == \
+        finetune.repeat_indices(table, ["a", "b"], 0.9, seed=1)
+    halves = [finetune.repeat_indices(table, ["a", "b"], 0.625, seed=s).count(0) for s in range(400)]
+    assert set(halves) == {2, 3} and abs(sum(halves) / 400 - 2.5) < 0.1  # sqrt(6.25) = 2.5
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--arm", "dreambooth", "--repeat_threshold", "-1"])
+    assert finetune.parse_args(["--arm", "dreambooth"]).repeat_threshold == 0.0
+
+
+@pytest.mark.slow
+def test_repeat_threshold_run_trains_on_the_repeated_epoch(mlflow_store, tiny_phantom, tiny_pipeline_dir, tmp_path):
+    run_id = finetune.main(_args(tiny_phantom, tiny_pipeline_dir, tmp_path / "out", 2, 2, "--repeat_threshold", "1"),
+                           arm="dreambooth")
+    run = MlflowClient().get_run(run_id)
+    params = run.data.params
+    assert run.info.status == "FINISHED" and params["repeat_threshold"] == "1.0"
+    # every image once, and the images of findings rarer than t = 1 again
+    assert int(params["n_samples_per_epoch"]) > int(params["n_train_images"])
+    plain = finetune.parse_args(["--arm", "dreambooth"])
+    assert finetune.run_key(plain) != finetune.run_key(finetune.parse_args(["--arm", "dreambooth",
+                                                                             "--repeat_threshold", "1"]))
