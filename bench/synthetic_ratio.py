@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--finetune_args", default="", help="extra finetune arguments, space-separated")
+    p.add_argument("--generate_args", default="", help="extra generate arguments, space-separated")
     p.add_argument("--keep", default="", help="directory for the runs and data (default: a temporary one)")
     p.add_argument("--compare", default="",
                    help="a --keep directory of an earlier run: the paired bootstrap CI of the macro-AUC difference "
@@ -166,7 +167,8 @@ def main(argv=None) -> dict:
                                  "--prompts", a.prompts, "--prompt_data", a.data,
                                  "--num_inference_steps", str(a.num_inference_steps),
                                  "--guidance_scale", str(a.guidance_scale), "--seed", str(a.seed),
-                                 "--output_dir", str(root / "generated"), "--experiment", "ratio", *threads])
+                                 "--output_dir", str(root / "generated"), "--experiment", "ratio", *threads,
+                                 *a.generate_args.split()])
             synthetic = client.get_run(gen).data.tags["harness.generated_data"]
         timings["generate_s"] = time.perf_counter() - t
         prompts, ceiling = adherence(synthetic, real_run, a.data, a.seed)

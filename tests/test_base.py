@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from harness.base import build
-from harness.base.components import SDConfig, assemble_pipeline, build_components, build_vae
+from harness.base.components import SDConfig, assemble_pipeline, build_components, build_unet, build_vae
 from harness.base.scenes import SceneDataset, caption_corpus
 from harness.base.tokenizer import build_tokenizer, medical_corpus
 from harness.pathologies import CHEXPERT_LABELS, FINDINGS
@@ -82,6 +82,20 @@ def test_tiny_components_have_matching_shapes(tokenizer):
     with pytest.raises(ValueError, match="max_length"):
         build_components(SDConfig(max_length=77), tokenizer)
     assert SDConfig.default().latent_size == 16 and SDConfig.sd15().latent_size == 64
+
+
+def test_wide_preset_is_the_default_with_a_wider_unet():
+    wide, default = SDConfig.preset("wide").to_dict(), SDConfig.preset("default").to_dict()
+    assert {k for k in wide if wide[k] != default[k]} == {"unet_channels"}
+    cfg = SDConfig.wide()
+    unet = build_unet(cfg)
+    assert unet.config.block_out_channels == (64, 128, 128)
+    z = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    with torch.no_grad():
+        out = unet(z, torch.tensor([500]), torch.randn(1, cfg.max_length, cfg.text_hidden)).sample
+    assert out.shape == z.shape
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        SDConfig.preset("huge")
 
 
 def test_pipeline_save_load_round_trip_is_identical(tokenizer, tmp_path):

@@ -374,7 +374,7 @@ def local_build(out: Path, key: str) -> bool:
 class BuildConfig(StepConfig):
     """The build's options; ``recipe_of`` picks the ones its output depends on (its reuse key)."""
     out: str | None = param(None, "diffusers directory to write (default: outputs/base-<key>)", key=False)
-    preset: str = param("default", choices=["tiny", "default", "sd15"], project=True)
+    preset: str = param("default", choices=["tiny", "default", "wide", "sd15"], project=True)
     vae_steps: int = param(300)
     unet_steps: int = param(800)
     batch_size: int = param(16)
