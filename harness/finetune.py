@@ -158,6 +158,10 @@ def run(config: FinetuneConfig, on_checkpoint=None) -> tracking.StepResult:
     locks the output folder and opens the MLflow run; the others get its id, and a failure that
     all of them see (a NaN loss, an error of the main process while the others wait on it) ends
     the run once and then every process."""
+    if config.pretrained_model == "base":  # its version, so that a rebuilt base is not resumed or reused
+        from harness.pretrained import base_uri
+
+        config = config.replace(pretrained_model=base_uri())
     if config.launcher:
         return launch(config, on_checkpoint)
     key = run_key(config)

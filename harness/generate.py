@@ -271,11 +271,11 @@ def image_seed(seed: int, prompt_index: int, i: int) -> int:
 
 def load(args):
     """The pipeline to sample from (dtype, device, scheduler set) and its source URI/path."""
-    from harness.pretrained import latest_base_uri, load_pipeline
+    from harness.pretrained import current_base_uri, load_pipeline
 
     source = checkpoint_uri(args.run_id, args.step) if args.run_id else args.checkpoint
     if source == "base":
-        source = latest_base_uri()
+        source = current_base_uri()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = args.mixed_precision
     if precision == "auto":

@@ -231,6 +231,10 @@ def run(config: PipelineConfig) -> StudyResult:
     tracking.use_project_store()
     stop_orphaned_steps()  # before tracked_run reaps: their runs then end KILLED with them
     with tracking.tracked_run("pipeline", config.experiment, tags={"harness.entry_point": "pipeline"}) as active:
+        if config.pretrained_model == "base" and config.arm_list():  # its version: steps of another base aren't reused
+            from harness.pretrained import base_uri
+
+            config = config.replace(pretrained_model=base_uri())
         tracking.log_params({k: tracking.redact_url(v) if isinstance(v, str) else v  # a model URL's password
                              for k, v in config.params().items() if k != "experiment"})
         start = time.perf_counter()

@@ -17,7 +17,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from harness.base.build import BASE_MODEL_NAME, register_default_local_build
+from harness.base.build import BASE_ALIAS, BASE_MODEL_NAME, register_default_local_build
 
 
 
@@ -25,21 +25,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HARNESS_CACHE_DIR", ".cache")) / "pretrained"
 
 
+def base_uri() -> str:
+    """The concrete ``models:/`` version that "base" names in the project's store."""
+    from harness.tracking import use_project_store
+
+    use_project_store()
+    try:
+        return current_base_uri()
+    except LookupError:
+        # A new store (or a team server) and the default build already on disk: register it.
+        uri = register_default_local_build()
+        if uri is None:
+            raise
+        return uri
+
+
 def resolve(name: str) -> str:
     """Return a local diffusers directory (or a Hub id) for ``name``."""
     from registry.pyfunc import pipeline_dir_in, pipeline_dir_of
 
     if name == "base":
-        from harness.tracking import use_project_store
-
-        use_project_store()
-        try:
-            name = latest_base_uri()
-        except LookupError:
-            # A new store (or a team server) and the default build already on disk: register it.
-            name = register_default_local_build()
-            if name is None:
-                raise
+        name = base_uri()
     if name.startswith(("models:/", "runs:/")):
         # Versions are immutable, so a downloaded copy is reused (aliases like @champion are not).
         store = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:8]  # "v1" is per store
@@ -57,8 +63,14 @@ def resolve(name: str) -> str:
     return name  # a Hub id: diffusers reports what is wrong with it
 
 
-def latest_base_uri() -> str:
+def current_base_uri() -> str:
+    """The base version the last build run made or reused (alias ``current``); the newest version in a
+    store written before the alias existed."""
     client = MlflowClient()
+    try:
+        return f"models:/{BASE_MODEL_NAME}/{client.get_model_version_by_alias(BASE_MODEL_NAME, BASE_ALIAS).version}"
+    except MlflowException:
+        pass
     try:
         versions = client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")
     except MlflowException:

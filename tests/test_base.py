@@ -198,7 +198,7 @@ def test_token_identity_loss_makes_prompts_distinct(tokenizer):
 def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from harness.pretrained import BASE_MODEL_NAME, load_pipeline
+    from harness.pretrained import BASE_MODEL_NAME, base_uri, load_pipeline
 
     cli = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_scenes", "8",
            "--n_radiographs", "4", "--batch_size", "2", "--no_samples", "--out", str(tmp_path / "base")]
@@ -213,8 +213,14 @@ def test_base_entry_point_registers_once_and_is_reused(mlflow_store, tmp_path):
     assert len(client.search_model_versions(f"name = '{BASE_MODEL_NAME}'")) == 2
     statuses = {r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     assert statuses == {"FINISHED"}
-    pipe = load_pipeline("base")  # what fine-tuning's default pretrained_model resolves to: the newest
+    pipe = load_pipeline("base")  # what fine-tuning's default pretrained_model resolves to
     assert pipe.tokenizer.model_max_length == 32 and pipe.unet.config.sample_size == 16
+    # "base" is the version the last build run made or reused (alias current), not the newest one
+    assert base_uri() == f"models:/{BASE_MODEL_NAME}/2"
+    other = [*cli[:-2], "--seed", "1", "--out", str(tmp_path / "other")]
+    assert build.main(other)["registered"] == base_uri() == f"models:/{BASE_MODEL_NAME}/3"
+    again = build.main(cli)
+    assert again["reused"] == base_uri() != f"models:/{BASE_MODEL_NAME}/3"
 
 
 TINY_BUILD = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_scenes", "8",

@@ -538,3 +538,23 @@ def test_repeat_threshold_run_trains_on_the_repeated_epoch(mlflow_store, tiny_ph
     plain = finetune.parse_args(["--arm", "dreambooth"])
     assert finetune.run_key(plain) != finetune.run_key(finetune.parse_args(["--arm", "dreambooth",
                                                                              "--repeat_threshold", "1"]))
+
+
+@pytest.mark.slow
+def test_base_is_keyed_by_its_version_so_a_rebuilt_base_is_not_resumed(mlflow_store, tiny_phantom):
+    """`--pretrained_model base` names the version it resolves to: after a rebuild of the base the
+    same command trains afresh from the new one instead of reusing the old base's folder and run."""
+    from harness.base import build
+
+    tiny = ["--preset", "tiny", "--vae_steps", "1", "--unet_steps", "1", "--n_scenes", "8", "--n_radiographs", "4",
+            "--batch_size", "2", "--no_samples"]
+    argv = ["--data", f"chexpert:{tiny_phantom}", "--pretrained_model", "base", "--steps", "2", "--batch_size", "4",
+            "--checkpoint_every", "2", "--grid_steps", "2", "--grid_seeds", "1"]
+    seen = []
+    for extra in ([], ["--force", "true"]):
+        base = build.main(tiny + extra)["registered"]
+        run = MlflowClient().get_run(finetune.main(argv, arm="dreambooth"))
+        seen.append((base, run.data.params["pretrained_model"], run.data.tags["harness.run_key"]))
+        assert run.info.status == "FINISHED" and "harness.resumed_from" not in run.data.tags
+    (base1, used1, key1), (base2, used2, key2) = seen
+    assert base1 != base2 and (used1, used2) == (base1, base2) and key1 != key2

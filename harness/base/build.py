@@ -42,8 +42,10 @@ from harness.diffusion import LatentCache, diffusion_loss
 from harness.pathologies import FINDINGS
 
 log = logging.getLogger(__name__)
-# The registered name of the embedded base; harness.pretrained resolves "base" to its newest version.
+# The registered name of the embedded base; harness.pretrained resolves "base" to the version the
+# last build run made or reused (its alias), so `-e base -P preset=...` picks what later steps use.
 BASE_MODEL_NAME = "cxr-sd-base"
+BASE_ALIAS = "current"
 
 SAMPLE_CAPTIONS = [
     "a large red circle in the center on a white background",
@@ -429,7 +431,8 @@ def register_default_local_build() -> str | None:
 def run(config: BuildConfig) -> "tracking.StepResult":
     """Build the embedded base, log it to MLflow and register it as ``cxr-sd-base`` - once: a build
     with identical parameters and code is found in the registry and reused, and one found on disk
-    (built for another store) is registered without rebuilding; ``--force true`` rebuilds. The
+    (built for another store) is registered without rebuilding; ``--force true`` rebuilds. Either way
+    the version gets the ``current`` alias: what "base" means to the steps after it. The
     result's artifacts: ``registered`` (the version's models:/ URI), and ``reused`` when it was."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -445,6 +448,7 @@ def run(config: BuildConfig) -> "tracking.StepResult":
         existing = None if config.force else registered_build(key)
         if existing is not None:
             uri = f"models:/{BASE_MODEL_NAME}/{existing.version}"
+            MlflowClient().set_registered_model_alias(BASE_MODEL_NAME, BASE_ALIAS, existing.version)
             mlflow.set_tag("harness.reused", uri)
             log.info("reusing %s: built with the same parameters by run %s", uri, existing.run_id)
             return tracking.StepResult(active.info.run_id, {"reused": uri, "registered": uri})
@@ -469,7 +473,9 @@ def run(config: BuildConfig) -> "tracking.StepResult":
                 mlflow.log_artifact(str(out / name), "base")
         info = log_pipeline(out, name="base", registered_model_name=BASE_MODEL_NAME, resolution=sd.resolution)
         uri = f"models:/{BASE_MODEL_NAME}/{info.registered_model_version}"
-        MlflowClient().set_model_version_tag(BASE_MODEL_NAME, info.registered_model_version, "build_key", key)
+        client = MlflowClient()
+        client.set_model_version_tag(BASE_MODEL_NAME, info.registered_model_version, "build_key", key)
+        client.set_registered_model_alias(BASE_MODEL_NAME, BASE_ALIAS, info.registered_model_version)
         mlflow.set_tag("harness.registered", uri)
         print(json.dumps(metrics, indent=2))
         return tracking.StepResult(active.info.run_id, {"registered": uri}, metrics)
