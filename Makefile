@@ -9,8 +9,6 @@ MLFLOW := $(VENV)/bin/mlflow
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # `mlflow run` chooses the experiment before a step starts: the README's, not Default.
 export MLFLOW_EXPERIMENT_NAME ?= sd-cxr
-# The embedded base's size: default (the 15-minute main job) or wide (README: the longer budget).
-PRESET ?= default
 
 .PHONY: venv demo base study report test bench clean
 venv: $(VENV)/.installed
@@ -28,13 +26,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # its report.
 demo: venv
 	$(MLFLOW) run . -e phantom --env-manager local
-	$(MLFLOW) run . -e base -P preset=$(PRESET) --env-manager local
+	$(MLFLOW) run . -e base --env-manager local
 	$(MLFLOW) run . -e pipeline --env-manager local
 	$(MLFLOW) run . -e report --env-manager local
 	@echo "report: $(CURDIR)/reports/report.html"
 
 base: venv
-	$(MLFLOW) run . -e base -P preset=$(PRESET) --env-manager local
+	$(MLFLOW) run . -e base --env-manager local
 
 # The write-up's study on the embedded default (every arm, judged checkpoints, champion), then its report.
 study: venv

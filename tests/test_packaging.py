@@ -114,16 +114,3 @@ def test_make_puts_mlflow_runs_in_the_readmes_experiment():
     assert re.search(rf"^export MLFLOW_EXPERIMENT_NAME \?= {DEFAULT_EXPERIMENT}$", makefile, re.M)
     assert f"experiment `{DEFAULT_EXPERIMENT}`" in (ROOT / "README.md").read_text()
 
-
-def test_make_demo_builds_the_base_preset_it_is_given():
-    """`make demo PRESET=wide` is the README's longer budget: the base step gets that preset, a
-    name the build knows."""
-    import subprocess
-
-    from harness.base.components import SDConfig
-
-    for preset, expect in ((None, "default"), ("wide", "wide")):
-        argv = ["make", "-n", "demo", *([f"PRESET={preset}"] if preset else [])]
-        plan = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
-        assert f"-e base -P preset={expect} --env-manager local" in plan
-        SDConfig.preset(expect)

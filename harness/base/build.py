@@ -348,7 +348,7 @@ def build_base(out_dir, config: SDConfig | None = None, vae_steps: int = 300, un
     return metrics
 
 
-BUILD_VERSION = 4  # bump when the build's code changes what it produces: part of the reuse key
+BUILD_VERSION = 5  # bump when the build's code changes what it produces: part of the reuse key
 
 
 BUILD_KEY_FILE = "build_key"  # written last: a folder holding it is a complete build of that recipe
@@ -376,7 +376,7 @@ def local_build(out: Path, key: str) -> bool:
 class BuildConfig(StepConfig):
     """The build's options; ``recipe_of`` picks the ones its output depends on (its reuse key)."""
     out: str | None = param(None, "diffusers directory to write (default: outputs/base-<key>)", key=False)
-    preset: str = param("default", choices=["tiny", "default", "wide", "sd15"], project=True)
+    preset: str = param("default", choices=["tiny", "default", "sd15"], project=True)
     vae_steps: int = param(300)
     unet_steps: int = param(800)
     batch_size: int = param(16)

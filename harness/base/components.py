@@ -23,8 +23,8 @@ class SDConfig:
     vae_layers_per_block: int = 1
     latent_channels: int = 4
     # UNet: SD's layout, cross-attention at every level except the deepest.
-    # 16x16 -> 8x8 -> 4x4 latents. Narrower than the wide preset's: it keeps the main job in its
-    # 15-minute budget, where fewer steps at more width lose (README, e25).
+    # 16x16 -> 8x8 -> 4x4 latents. Twice as wide on the first two levels costs about twice the
+    # fine-tuning time on one core and gained nothing that held across base builds (README, e23).
     unet_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
     # diffusers/SD-1.x naming quirk: for UNet2DConditionModel this is the number of heads per block.
@@ -56,12 +56,6 @@ class SDConfig:
         return cls()
 
     @classmethod
-    def wide(cls) -> "SDConfig":
-        """The default with the UNet's first two levels twice as wide: the one base change that raised
-        the synthetic-data ratio (README, e23), at about twice the fine-tuning time on one core."""
-        return cls(unet_channels=(64, 128, 128))
-
-    @classmethod
     def sd15(cls) -> "SDConfig":
         """SD-1.5's sizes (runwayml/stable-diffusion-v1-5 configs), for a GPU build. ~860M UNet params."""
         return cls(resolution=512, vae_channels=(128, 256, 512, 512), vae_layers_per_block=2,
@@ -71,7 +65,7 @@ class SDConfig:
 
     @classmethod
     def preset(cls, name: str) -> "SDConfig":
-        presets = {"tiny": cls.tiny, "default": cls.default, "wide": cls.wide, "sd15": cls.sd15}
+        presets = {"tiny": cls.tiny, "default": cls.default, "sd15": cls.sd15}
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
         return presets[name]()

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
+from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTokenizer
 
 from harness.pathologies import CHEXPERT_LABELS, FINDINGS
@@ -61,23 +60,40 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def _train_merges(corpus: list[str], n_merges: int) -> list[tuple[str, str]]:
-    """Learn BPE merges on ``corpus`` with CLIP's normalizer and word splitting."""
-    tok = Tokenizer(BPE(end_of_word_suffix=EOW, unk_token=EOS))
-    tok.normalizer = normalizers.Sequence(
+    """Learn BPE merges on ``corpus`` with CLIP's normalizer and word splitting: the most frequent
+    pair first, ties broken by the pair itself. Not tokenizers' BpeTrainer: it breaks count ties in
+    hash-map order, so one build recipe gave other token ids in every process (huggingface/tokenizers#1794)."""
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    splitter = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = BpeTrainer(
-        vocab_size=512 + n_merges,  # the trainer counts its alphabet (<= 512 symbols) in the size
-        min_frequency=1,  # a word seen once (e.g. "atelectasis" in the medical corpus) still merges
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix=EOW,
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges][:n_merges]
+    counts = Counter(w for line in corpus for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line)))
+    words = {tuple(w[:-1]) + (w[-1] + EOW,): c for w, c in sorted(counts.items())}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for symbols, c in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += c
+        if not pairs:  # every word is one token
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        words = {_merge(symbols, best): c for symbols, c in words.items()}
+    return merges
+
+
+def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if symbols[i:i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
 
 
 def build_tokenizer(corpus: list[str], out_dir: str | os.PathLike | None = None, vocab_size: int = 2048,
