@@ -692,12 +692,14 @@ def train(args, key: str, out: Path, run_id: str, on_checkpoint=None) -> None:
     debug = _Debug.from_env(accelerator)
 
     def publish(path: Path) -> None:  # the main process logs the checkpoint and asks on_checkpoint
-        info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
-        mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
-        mlflow.set_tag(tracking.TAG_STEP, str(step))
+        with tracking.sigterm_deferred():  # a stop waits for the store writes, not for the grid
+            info = log_pipeline(path / "pipeline", name=f"checkpoint-{step:06d}", resolution=resolution)
+            mlflow.set_tag(f"{CHECKPOINT_TAG}{step:06d}", info.model_uri)
+            mlflow.set_tag(tracking.TAG_STEP, str(step))
         with _averaged(emas), accelerator.autocast():  # drawn from the averaged weights, as saved
             grid, first = _grid(pipe, grid_prompts, args, resolution, make_image_grid)
-        mlflow.log_image(grid, f"grids/step_{step:06d}.png")
+        with tracking.sigterm_deferred():
+            mlflow.log_image(grid, f"grids/step_{step:06d}.png")
         grids.append(first)
         for module in trained.values():
             module.train()

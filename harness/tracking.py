@@ -9,7 +9,8 @@
 - ``MetricBuffer``: per-step metrics written in batches, so tracking costs little per step.
 - ``sigterm_raises``: SIGTERM (what a launcher such as ``accelerate launch`` sends its processes
   when one of them fails, or when it is itself stopped) raises ``Terminated``, so the
-  ``tracked_run`` around it ends its run KILLED instead of leaving it RUNNING.
+  ``tracked_run`` around it ends its run KILLED instead of leaving it RUNNING;
+  ``sigterm_deferred`` holds it back until a store write has ended.
 """
 
 from __future__ import annotations
@@ -154,12 +155,12 @@ class Terminated(BaseException):
     is: no ``except Exception`` swallows it."""
 
 
-_ending = 0  # > 0 while a tracked_run ends its run: a SIGTERM then waits until the run has ended
+_deferring = 0  # > 0 inside sigterm_deferred: a SIGTERM then waits until the block has ended
 _deferred: list[int] = []
 
 
 def _on_sigterm(signum, frame):
-    if _ending:
+    if _deferring:
         _deferred.append(signum)
         return
     raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
@@ -181,19 +182,20 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
-def _ending_run() -> Iterator[None]:
-    """Hold a SIGTERM back while the run is ended (it would cut the end short and leave the run
-    RUNNING); raise it once the run has ended."""
-    global _ending
-    _ending += 1
+def sigterm_deferred() -> Iterator[None]:
+    """Hold a SIGTERM back while the block runs; raise it once the block has ended. Around store
+    writes and the run's end: a ``Terminated`` raised inside a store call leaves its SQLite cursor
+    alive in the traceback, holding a lock that makes the KILLED write fail ("database is locked")."""
+    global _deferring
+    _deferring += 1
     try:
         yield
     finally:
-        _ending -= 1
-        if not _ending and _deferred:
+        _deferring -= 1
+        if not _deferring and _deferred:
             signum = _deferred.pop()
             _deferred.clear()
-            raise Terminated(f"terminated by signal {signal.Signals(signum).name} (while ending the run)")
+            raise Terminated(f"terminated by signal {signal.Signals(signum).name} (held back while the store was written)")
 
 
 @contextmanager
@@ -214,22 +216,22 @@ def tracked_run(run_name: str, experiment: str | None = None, tags: dict | None 
     try:
         yield run
     except Terminated as exc:
-        with _ending_run():
+        with sigterm_deferred():
             mlflow.set_tag(TAG_ERROR, str(exc))
             mlflow.end_run("KILLED")
         raise
     except KeyboardInterrupt:
-        with _ending_run():
+        with sigterm_deferred():
             mlflow.set_tag(TAG_ERROR, "interrupted")
             mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
-        with _ending_run():
+        with sigterm_deferred():
             mlflow.set_tag(TAG_ERROR, redact_url(f"{type(exc).__name__}: {exc}")[:5000])  # errors quote URLs
             mlflow.end_run("FAILED")
         raise
     else:
-        with _ending_run():
+        with sigterm_deferred():
             mlflow.end_run("FINISHED")
 
 
@@ -278,8 +280,9 @@ class MetricBuffer:
             self.flush()
 
     def flush(self) -> None:
-        for start in range(0, len(self._pending), 1000):  # MLflow's per-batch limit
-            self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        with sigterm_deferred():
+            for start in range(0, len(self._pending), 1000):  # MLflow's per-batch limit
+                self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
         self._pending = []
 
 

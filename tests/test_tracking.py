@@ -1,11 +1,17 @@
-"""MLflow plumbing: data set logging survives the create race between parallel workers."""
+"""MLflow plumbing: data set logging survives the create race between parallel workers; a SIGTERM
+waits for a store write in progress and still ends the run KILLED."""
 
 from __future__ import annotations
+
+import os
+import signal
+import time
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from harness import tracking
 
@@ -97,3 +103,25 @@ def test_a_project_run_whose_environment_never_came_up_is_reaped(mlflow_store):
     assert client.get_run(old.info.run_id).info.status == "KILLED"
     assert "--env-manager local" in client.get_run(old.info.run_id).data.tags[tracking.TAG_ERROR]
     assert {client.get_run(r.info.run_id).info.status for r in (young, plain)} == {"RUNNING"}
+
+
+def test_a_sigterm_during_a_store_write_is_raised_after_it_and_the_run_ends_killed(mlflow_store, monkeypatch):
+    # Raised inside the write, Terminated once left an SQLite cursor holding the lock that the
+    # KILLED write then waited on ("database is locked"): the run stayed RUNNING.
+    real, written = MlflowClient.log_batch, []
+
+    def signalled_mid_write(self, run_id, metrics=(), **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs here
+        written.append(run_id)
+        return real(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", signalled_mid_write)
+    with pytest.raises(tracking.Terminated, match="held back"), tracking.sigterm_raises():
+        with tracking.tracked_run("stopped") as run:
+            tracking.MetricBuffer(run.info.run_id, flush_every=1).log({"loss": 0.5}, step=0)
+            time.sleep(1.0)  # not reached: the held-back signal is raised as the flush ends
+    client = MlflowClient()
+    assert written == [run.info.run_id]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [0.5]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
