@@ -195,7 +195,8 @@ def sigterm_deferred() -> Iterator[None]:
         if not _deferring and _deferred:
             signum = _deferred.pop()
             _deferred.clear()
-            raise Terminated(f"terminated by signal {signal.Signals(signum).name} (held back while the store was written)")
+            name = signal.Signals(signum).name
+            raise Terminated(f"terminated by signal {name} (held back while the store was written)")
 
 
 @contextmanager
@@ -283,7 +284,7 @@ class MetricBuffer:
         with sigterm_deferred():
             for start in range(0, len(self._pending), 1000):  # MLflow's per-batch limit
                 self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
-        self._pending = []
+            self._pending = []  # inside: a signal held back until here must not leave them to log twice
 
 
 def copy_metric_history(src_run_id: str, dst_run_id: str, keys: list[str], max_step: int) -> int:
