@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 from harness.base import build
-from harness.base.components import SDConfig, assemble_pipeline, build_components, build_vae
+from harness.base.components import SDConfig, assemble_pipeline, build_components, build_unet, build_vae
 from harness.base.scenes import SceneDataset, caption_corpus
 from harness.base.tokenizer import build_tokenizer, medical_corpus
 from harness.pathologies import CHEXPERT_LABELS, FINDINGS
@@ -99,6 +100,20 @@ def test_tiny_components_have_matching_shapes(tokenizer):
         build_components(SDConfig(max_length=77), tokenizer)
     assert SDConfig.default().latent_size == 16 and SDConfig.sd15().latent_size == 64
 
+
+
+def test_unet_attention_picks_the_levels_with_cross_attention():
+    sd = build_unet(SDConfig.tiny())  # SD-1.x's layout: every level but the deepest
+    assert sd.config.down_block_types == ("CrossAttnDownBlock2D", "DownBlock2D")
+    assert sd.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D")
+    sdxl = build_unet(dataclasses.replace(SDConfig.tiny(), unet_attention=(False, True)))
+    assert sdxl.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert sdxl.config.up_block_types == ("CrossAttnUpBlock2D", "UpBlock2D")
+    with pytest.raises(ValueError, match="one entry per level"):
+        SDConfig(unet_attention=(True, False))
+    # SD-1.x's layout leaves the config's dict, and so the build key of earlier builds, as it was
+    assert "unet_attention" not in SDConfig().to_dict()
+    assert SDConfig(unet_attention=(False, True, False)).to_dict()["unet_attention"] == (False, True, False)
 
 def test_pipeline_save_load_round_trip_is_identical(tokenizer, tmp_path):
     cfg = SDConfig.tiny()
