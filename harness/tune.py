@@ -37,12 +37,14 @@ worker to start a trial marks it FAILED, ends its MLflow runs KILLED and queues 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import math
 import re
 import tempfile
 import time
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +205,64 @@ def open_study(args) -> optuna.Study:
               else optuna.pruners.NopPruner())
     return optuna.create_study(study_name=args.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
+
+
+class BudgetLock:
+    """Held by one worker from its budget check until its next trial exists: Optuna creates a
+    trial without looking at a budget, so workers that checked together would both start the last
+    trial. A PostgreSQL / MySQL advisory lock named after the study, a file lock next to an SQLite
+    file; released when the worker's connection or process ends, so a dead worker holds nothing."""
+
+    def __init__(self, storage: str, study_name: str):
+        import sqlalchemy
+
+        self.url = sqlalchemy.engine.make_url(storage)
+        self.key = zlib.crc32(f"harness.tune:{study_name}".encode())
+        self.name = f"harness.tune:{study_name}"[:64]  # MySQL's limit for a lock name
+        self._engine = (sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+                        if self.url.get_backend_name() in ("postgresql", "mysql") else None)
+        self._held = None
+
+    def acquire(self) -> "BudgetLock":
+        from sqlalchemy import text
+
+        backend = self.url.get_backend_name()
+        if backend == "postgresql":
+            self._held = self._engine.connect()
+            self._held.execute(text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
+        elif backend == "mysql":
+            self._held = self._engine.connect()
+            self._held.execute(text("SELECT GET_LOCK(:n, -1)"), {"n": self.name})
+        elif backend == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            self._held = open(f"{self.url.database}.tune-lock-{self.key:08x}", "a")  # one per study
+            fcntl.flock(self._held, fcntl.LOCK_EX)
+        return self
+
+    def release(self) -> None:
+        from sqlalchemy import text
+
+        held, self._held = self._held, None
+        if held is None:
+            return
+        backend = self.url.get_backend_name()
+        try:
+            if backend == "postgresql":
+                held.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            elif backend == "mysql":
+                held.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": self.name})
+            else:
+                fcntl.flock(held, fcntl.LOCK_UN)
+        finally:
+            held.close()
+
+
+def _releasing_first(objective, lock: BudgetLock):
+    """The objective, releasing ``lock`` as it starts: its trial exists, the budget counts it."""
+    def run(trial: optuna.Trial) -> float:
+        lock.release()
+        return objective(trial)
+
+    return run
 
 
 def trials_used(study: optuna.Study) -> int:
@@ -373,14 +433,20 @@ def run(config: TuneConfig) -> tracking.StepResult:
         callbacks = [TrialRunCallback(OBJECTIVES[args.objective])]
         # One trial per optimize call, checking the budget first: Optuna's MaxTrialsCallback checks
         # after a trial and counts only finished ones, so parallel workers would overshoot.
+        lock = BudgetLock(args.storage, args.study_name)
         while True:
-            _fail_stale_trials(study)  # a dead worker's trial must not count as running
-            if trials_used(study) >= args.n_trials:
-                break
-            if args.timeout and time.perf_counter() - start > args.timeout:
-                log.info(f"--timeout {args.timeout} s reached")
-                break
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+            lock.acquire()
+            try:
+                _fail_stale_trials(study)  # a dead worker's trial must not count as running
+                if trials_used(study) >= args.n_trials:
+                    break
+                if args.timeout and time.perf_counter() - start > args.timeout:
+                    log.info(f"--timeout {args.timeout} s reached")
+                    break
+                study.optimize(_releasing_first(objective, lock), n_trials=1, catch=(Exception,),
+                               callbacks=callbacks, gc_after_trial=True)
+            finally:
+                lock.release()
             ran += 1
         hours = (time.perf_counter() - start) / 3600
         mlflow.log_metrics({"worker_trials": ran, "trials_per_hour": ran / hours if hours > 0 else 0.0})

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -374,6 +375,35 @@ def postgres():
     finally:
         subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _acquired(lock) -> threading.Event:
+    """Set once ``lock`` is acquired, in a thread of its own (a test that fails does not hang)."""
+    got = threading.Event()
+    threading.Thread(target=lambda: (lock.acquire(), got.set()), daemon=True).start()
+    return got
+
+
+def _lock_excludes_a_second_worker(storage: str) -> None:
+    first = tune.BudgetLock(storage, "s").acquire()
+    second = tune.BudgetLock(storage, "s")
+    got = _acquired(second)
+    assert not got.wait(1.0)  # the second worker waits while the first checks the budget
+    other = tune.BudgetLock(storage, "another study")
+    assert _acquired(other).wait(10)  # another study's workers do not
+    other.release()
+    first.release()
+    first.release()  # released once: a second call does nothing
+    assert got.wait(10)
+    second.release()
+
+
+def test_the_budget_lock_lets_one_worker_at_a_time_check_sqlite(tmp_path):
+    _lock_excludes_a_second_worker(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def test_the_budget_lock_lets_one_worker_at_a_time_check_postgresql(postgres):
+    _lock_excludes_a_second_worker(f"{postgres}/optuna")
 
 
 @pytest.fixture
