@@ -77,8 +77,8 @@ class PipelineConfig(StepConfig):
     # embedded base wants 2e-3 (a real SD checkpoint ~5e-6), and more steps keep helping (README:
     # quality table); one judged checkpoint per arm keeps the CPU time in check.
     steps: int = param(1200, project=True)
-    eval_steps: str = param("1200", "checkpoints to judge, comma-separated (\"600,1200\": the write-up's two "
-                            "per arm)", project=True)
+    eval_steps: str = param("", "checkpoints to judge, comma-separated (\"600,1200\": the write-up's two "
+                            "per arm); empty = the last, --steps", project=True)
     learning_rate: float = param(2e-3, "for the embedded base; a real SD wants ~5e-6", project=True)
     batch_size: int = param(8)
     # Fewer images cannot show anything: even a perfect generator (the phantom renderer) trains a
@@ -124,7 +124,7 @@ class PipelineConfig(StepConfig):
             raise ConfigError(f"--arms {self.arms!r}: each of {', '.join(sorted(finetune.ARMS))} at most once"
                               + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
         try:
-            self.eval = sorted({int(s) for s in self.eval_steps.split(",") if s.strip()})
+            self.eval = sorted({int(s) for s in self.eval_steps.split(",") if s.strip()} or {self.steps})
         except ValueError:
             raise ConfigError(f"--eval_steps {self.eval_steps!r}: expected comma-separated integers") from None
         if not self.eval or self.eval[-1] > self.steps or self.eval[0] < 1:

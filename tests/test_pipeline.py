@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from harness import classify, finetune, pipeline, report, tracking
+from harness.config import ConfigError
 from harness.compare import macro_auc_difference
 from harness.metrics import snake
 from harness.pathologies import FINDINGS
@@ -170,6 +171,14 @@ def test_bad_arguments_are_refused_before_any_step(extra, message, mlflow_store,
     assert time.perf_counter() - start < 1.0
     assert message in capsys.readouterr().err
     assert not _runs()  # no step ran, not even the pipeline's own run started
+
+
+def test_the_judged_checkpoint_defaults_to_the_last_step(tiny_phantom, tiny_pipeline_dir):
+    common = {"data": f"chexpert:{tiny_phantom}", "pretrained_model": str(tiny_pipeline_dir)}
+    assert pipeline.PipelineConfig(**common, steps=4800).eval == [4800]  # -P steps=4800 alone judges step 4800
+    assert pipeline.PipelineConfig(**common, steps=1200, eval_steps="1200,600").eval == [600, 1200]
+    with pytest.raises(ConfigError, match="between 1 and --steps=600"):
+        pipeline.PipelineConfig(**common, steps=600, eval_steps="1200")
 
 
 def test_labels_without_metric_names_are_refused_before_any_step(mlflow_store, tmp_path, monkeypatch):
