@@ -115,6 +115,29 @@ def test_unet_attention_picks_the_levels_with_cross_attention():
     assert "unet_attention" not in SDConfig().to_dict()
     assert SDConfig(unet_attention=(False, True, False)).to_dict()["unet_attention"] == (False, True, False)
 
+def test_unet_pooled_text_conditions_every_block_through_the_timestep_embedding(tokenizer, tmp_path):
+    cfg = dataclasses.replace(SDConfig.tiny(), unet_pooled_text=True, unet_attention=(False, False))
+    torch.manual_seed(0)
+    parts = build_components(cfg, tokenizer)
+    unet = parts["unet"]
+    assert unet.config.addition_embed_type == "text"
+    z, t = torch.randn(1, cfg.latent_channels, cfg.latent_size, cfg.latent_size), torch.tensor([500])
+    a, b = torch.randn(2, 1, cfg.max_length, cfg.text_hidden)
+    with torch.no_grad():  # no cross-attention anywhere: the prompt reaches the UNet through the pooled path alone
+        assert not torch.allclose(unet(z, t, a).sample, unet(z, t, b).sample)
+    # a standard StableDiffusionPipeline saves, loads and samples it (the pooled path needs no extra inputs)
+    assemble_pipeline(parts).save_pretrained(tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipe.unet.config.addition_embed_type == "text"
+    image = pipe("a frontal chest x-ray", num_inference_steps=2, height=cfg.resolution, width=cfg.resolution,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, cfg.resolution, cfg.resolution, 3)
+    # off, the config's dict and so the build key of earlier builds stay as they were
+    assert "unet_pooled_text" not in SDConfig().to_dict()
+    assert SDConfig(unet_pooled_text=True).to_dict()["unet_pooled_text"] is True
+    assert build_unet(SDConfig.tiny()).config.addition_embed_type is None
+
+
 def test_pipeline_save_load_round_trip_is_identical(tokenizer, tmp_path):
     cfg = SDConfig.tiny()
     torch.manual_seed(0)

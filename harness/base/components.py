@@ -30,6 +30,9 @@ class SDConfig:
     # SDXL drops it at the first level, where self-attention's cost grows with the latent's area;
     # here that halves the fine-tuning time but lowered the ratio on both base builds tried (README, e32).
     unet_attention: tuple[bool, ...] | None = None
+    # The prompt's states, attention-pooled, added to the timestep embedding that scales and shifts
+    # every ResNet block (Imagen; SDXL's pooled text embedding): a global path beside cross-attention.
+    unet_pooled_text: bool = False
     layers_per_block: int = 1
     # diffusers/SD-1.x naming quirk: for UNet2DConditionModel this is the number of heads per block.
     attention_head_dim: int = 4
@@ -81,8 +84,9 @@ class SDConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["unet_attention"] is None:  # SD-1.x's layout: the build key of every earlier config stays
-            del d["unet_attention"]
+        for name, sd1x in (("unet_attention", None), ("unet_pooled_text", False)):
+            if d[name] == sd1x:  # SD-1.x's layout: the build key of every earlier config stays
+                del d[name]
         return d
 
 
@@ -108,6 +112,8 @@ def build_unet(config: SDConfig) -> UNet2DConditionModel:
         block_out_channels=tuple(config.unet_channels), layers_per_block=config.layers_per_block,
         attention_head_dim=config.attention_head_dim, norm_num_groups=config.norm_num_groups,
         cross_attention_dim=config.text_hidden,
+        **({"addition_embed_type": "text", "addition_embed_type_num_heads": config.text_heads}
+           if config.unet_pooled_text else {}),
     )
 
 
