@@ -91,6 +91,10 @@ class PipelineConfig(StepConfig):
                          "five + no finding)", choices=["disease", "data"], project=True)
     # Few DPM-Solver steps: more did not change the synthetic AUC beyond its CI (README).
     num_inference_steps: int = param(6)
+    # A UNet fine-tuned longer draws the findings without as much push: at 4800 steps 3 does as well
+    # as 5 or better, at 1200 it does worse (README: quality table).
+    guidance_scale: float = param(generate.GenerateConfig.guidance_scale, "generate's classifier-free guidance",
+                                  project=True)
     classifier: str = param("small_cnn", choices=CLASSIFIERS)
     epochs: int = param(8, project=True)
     seed: int = param(0, project=True)
@@ -167,7 +171,7 @@ def finetune_config(config: PipelineConfig, arm: str) -> finetune.FinetuneConfig
 def generate_config(config: PipelineConfig, finetune_run: str, step: int) -> generate.GenerateConfig:
     return generate.GenerateConfig(run_id=finetune_run, step=step, n_per_prompt=config.n_per_prompt,
                                    prompts=config.prompts, num_inference_steps=config.num_inference_steps,
-                                   seed=config.seed)
+                                   guidance_scale=config.guidance_scale, seed=config.seed)
 
 
 def classify_config(config: PipelineConfig, train: str, baseline_run: str | None = None) -> classify.ClassifyConfig:

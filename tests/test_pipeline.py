@@ -173,12 +173,15 @@ def test_bad_arguments_are_refused_before_any_step(extra, message, mlflow_store,
     assert not _runs()  # no step ran, not even the pipeline's own run started
 
 
-def test_the_judged_checkpoint_defaults_to_the_last_step(tiny_phantom, tiny_pipeline_dir):
+def test_the_judged_checkpoint_defaults_to_the_last_step_and_guidance_reaches_generate(tiny_phantom, tiny_pipeline_dir):
     common = {"data": f"chexpert:{tiny_phantom}", "pretrained_model": str(tiny_pipeline_dir)}
     assert pipeline.PipelineConfig(**common, steps=4800).eval == [4800]  # -P steps=4800 alone judges step 4800
     assert pipeline.PipelineConfig(**common, steps=1200, eval_steps="1200,600").eval == [600, 1200]
     with pytest.raises(ConfigError, match="between 1 and --steps=600"):
         pipeline.PipelineConfig(**common, steps=600, eval_steps="1200")
+    assert pipeline.generate_config(pipeline.PipelineConfig(**common, guidance_scale=3.0), "run", 1).guidance_scale == 3.0
+    with pytest.raises(ConfigError, match="--guidance_scale -1.0"):  # generate's check, before any step
+        pipeline.PipelineConfig(**common, guidance_scale=-1.0)
 
 
 def test_labels_without_metric_names_are_refused_before_any_step(mlflow_store, tmp_path, monkeypatch):
