@@ -377,8 +377,9 @@ class BuildConfig(StepConfig):
     """The build's options; ``recipe_of`` picks the ones its output depends on (its reuse key)."""
     out: str | None = param(None, "diffusers directory to write (default: outputs/base-<key>)", key=False)
     preset: str = param("default", choices=["tiny", "default", "sd15"], project=True)
-    vae_steps: int = param(300)
-    unet_steps: int = param(800)
+    # A 900-step VAE pays off only with long fine-tuning (README: e46, e52): the stretch budget's base.
+    vae_steps: int = param(300, "VAE training steps", project=True)
+    unet_steps: int = param(800, "UNet + text encoder training steps", project=True)
     batch_size: int = param(16)
     n_scenes: int = param(2000)
     n_radiographs: int = param(600)
